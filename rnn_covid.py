@@ -143,7 +143,7 @@ def load_cumulative(path):
     if not labels or not len(body):
         raise InputError(f"{path}: no dates or no country rows")
     dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
-    if (np.diff(dates.asi8) != pd.Timedelta(days=1).value).any():
+    if (dates[1:] - dates[:-1] != pd.Timedelta(days=1)).any():
         raise InputError(f"{path}: the date columns are not consecutive days")
     counts = _numeric_counts(block.reset_index(drop=True), names, labels, path)
     cum = pd.DataFrame(counts, index=pd.Index(names, name="country"), columns=dates)
@@ -161,7 +161,8 @@ def daily_differences(cum, start=None, end=None):
     cum = cum.loc[:, (cum.columns >= pd.Timestamp(start or cum.columns[0]))
                   & (cum.columns <= pd.Timestamp(end or cum.columns[-1]))]
     diffs = cum.diff(axis=1).iloc[:, 1:]
-    neg = diffs[diffs < 0].stack()
+    stacked = diffs.stack()
+    neg = stacked[stacked < 0]
     negatives = [{"country": c, "date": str(d.date()), "value": float(v)} for (c, d), v in neg.items()]
     return diffs.clip(lower=0), negatives
 
@@ -257,7 +258,7 @@ def build_dataset(d, countries_C, dates, L, args):
                          f"{L + args.test_days + args.val_days + 1})")
     own = make_windows(dC, L)
     context = make_windows(dC.sum(axis=0), L)
-    dow = make_windows(dates.dayofweek.to_numpy(), L)
+    dow = make_windows(dates.day_of_week.to_numpy(), L)
     masks = split_masks(T, L, args.test_days, args.val_days)
     scale = max(float(own[:, masks["train"]].max()), 1.0)
     X = window_features(own, context, dow, args.norm, scale, args.features)
@@ -272,7 +273,7 @@ def latest_features(d, countries_C, dates, L, args, scale):
     dd = d.to_numpy()
     own = dd[:, None, -L:]
     context = d.loc[countries_C].to_numpy().sum(axis=0)[None, -L:]
-    dow = dates.dayofweek.to_numpy()[None, -L:]
+    dow = dates.day_of_week.to_numpy()[None, -L:]
     return window_features(own, context, dow, args.norm, scale, args.features)[:, 0]
 
 # ======================================================================================
@@ -662,11 +663,14 @@ def _world_map_figure(table, title):
         resolution=MAP_RESOLUTION, showframe=False,
         showcoastlines=True, coastlinecolor="#777777", coastlinewidth=0.4,
         showcountries=True, countrycolor="#999999", countrywidth=0.3,
-        showland=True, landcolor="#e6e6e6", showocean=False, showlakes=False,
+        showland=True, landcolor="#c8c8c8", showocean=False, showlakes=False,
     )
     fig.update_layout(
         title=dict(text=title, x=0.5, xanchor="center"), margin=dict(l=10, r=10, t=60, b=10),
         paper_bgcolor="white", plot_bgcolor="white",
+        annotations=[dict(text="grey: not in the data", x=0.01, y=0.01, xref="paper",
+                          yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
+                          font=dict(size=12, color="#555555"))],
     )
     return fig
 
