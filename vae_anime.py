@@ -1,0 +1,1026 @@
+"""A convolutional VAE on anime faces, trained with the KL term weighted 1, 100 and 0.
+
+What it does
+    Decodes every image of --data-dir (searched recursively: jpg, jpeg, png, webp; any size
+    or mode) once into a cached uint8 tensor of RGB --image-size squares (antialiased), splits
+    it 90/10 by seed, and trains one VAE per KL weight λ (5 stride-2 convolutions, 32..512
+    channels, a 128-d latent, a mirrored transposed-convolution decoder, Bernoulli likelihood).
+    Every λ gets the same seed, split, initial weights and epochs.
+
+How to run
+    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (CPU: ~10 min)
+    python vae_anime.py --kl-weight 1 --epochs 3 # one λ
+    python vae_anime.py --resume                 # continue interrupted runs from their checkpoints
+    python vae_anime.py --device cuda --amp      # GPU, bfloat16 autocast
+    python vae_anime.py --help                   # every flag
+
+What it writes (all into --out, default figures/vae_anime/)
+    REPORT.md, metrics.json,
+    lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,kl_per_dim}.png,
+    lambda_comparison.png, checkpoints/lambda_<λ>.pt (everything needed to resume),
+    cache/images_<size>px.pt (the decoded images; rebuilt when the files or the size change).
+Every file is written to a temporary name and renamed into place, so none is ever half-written.
+Bad input (missing data, unreadable images, NaN loss, unwritable --out, invalid flags) stops
+with one line naming the problem and its fix, exit code 2; Ctrl-C saves a checkpoint, writes
+the figures so far and exits 130.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# cuBLAS needs this before CUDA starts to honour deterministic algorithms.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# ======================================================================================
+# Config
+# ======================================================================================
+
+DEFAULT_DATA_DIR = Path("data/anime_faces")
+DEFAULT_OUT = Path("figures/vae_anime")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+CHANNELS = (32, 64, 128, 256, 512)
+ACTIVE_UNIT_NATS = 0.01          # a latent dimension whose mean KL exceeds this is "active"
+N_FIXED_TEST = 32                # reconstructions of the same 32 test images for every λ
+N_SAMPLES = 64                   # samples decoded from one fixed z ~ N(0, I)
+N_PAIRS, N_STEPS = 4, 10         # interpolations: 4 pairs of test images, 10 steps each
+CACHE_FORMAT = 1                 # bump when the decoding below changes
+
+
+class UserError(Exception):
+    """Bad input: main() prints the one-line message and exits with code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; carries the run so far so its figures can still be written."""
+
+    def __init__(self, run):
+        super().__init__("interrupted")
+        self.run = run
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def kl_weight(text):
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"a KL weight must be a number >= 0, got {text}")
+    return value
+
+
+def kl_weight_list(text):
+    weights = [kl_weight(part) for part in text.split(",") if part.strip()]
+    if not weights or len(set(weights)) != len(weights):
+        raise argparse.ArgumentTypeError(f"give distinct KL weights separated by commas, got {text!r}")
+    return weights
+
+
+def image_size(text):
+    value = int(text)
+    if value < 32 or value % 32:
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of 32 (five stride-2 convolutions), got {text}")
+    return value
+
+
+def test_fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="folder of images, searched recursively")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for everything")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the decoded-image cache lives (default: OUT/cache)")
+    p.add_argument("--image-size", type=image_size, default=32, help="side of the square images")
+    p.add_argument("--latent-dim", type=positive_int, default=128)
+    p.add_argument("--kl-weights", type=kl_weight_list, default=[1.0, 100.0, 0.0],
+                   help="comma-separated KL weights λ, one model each")
+    p.add_argument("--kl-weight", type=kl_weight, default=None,
+                   help="train a single λ (overrides --kl-weights)")
+    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--test-fraction", type=test_fraction, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--amp", action="store_true", help="bfloat16 mixed precision (CUDA only)")
+    p.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
+                   help="processes decoding images when the cache is (re)built")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each λ from its checkpoint in OUT/checkpoints")
+    args = p.parse_args(argv)
+    if args.kl_weight is not None:
+        args.kl_weights = [args.kl_weight]
+    args.cache_dir = args.cache_dir or args.out / "cache"
+    return args
+
+
+def run_config(args, kl_weight):
+    """The settings that define one run; a checkpoint made with other settings is not resumed."""
+    return {"kl_weight": kl_weight, "seed": args.seed, "image_size": args.image_size,
+            "latent_dim": args.latent_dim, "batch_size": args.batch_size, "lr": args.lr,
+            "test_fraction": args.test_fraction}
+
+
+# ======================================================================================
+# Utilities: atomic writes, device
+# ======================================================================================
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomically(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_torch_atomically(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_figure_atomically(fig, path):
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def check_writable(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {folder} ({err.strerror or err}): "
+                        "pass a writable --out") from None
+
+
+def pick_device(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available: use --device cpu or auto")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.amp and device.type != "cuda":
+        print("note: --amp only applies on CUDA; training in float32 on the CPU")
+    return device
+
+
+# ======================================================================================
+# Data: decode once into a cached uint8 tensor, split by seed
+# ======================================================================================
+
+
+def list_image_files(data_dir):
+    if not data_dir.is_dir():
+        raise UserError(f"image folder {data_dir} does not exist: run `make data` "
+                        "(or pass --data-dir with a folder of images)")
+    files = sorted(p for p in data_dir.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(data_dir).parts))
+    if not files:
+        raise UserError(f"no .jpg/.jpeg/.png/.webp images in {data_dir}: run `make data` "
+                        "(or pass --data-dir with a folder of images)")
+    return files
+
+
+def file_list_key(files, data_dir, size):
+    """Hash of every file's relative path, byte size and mtime, plus the target size."""
+    digest = hashlib.sha256(f"format {CACHE_FORMAT} size {size}\n".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(data_dir)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def decode_image(path, size):
+    """One file -> (size×size×3 uint8 array or None if unreadable, whether it was upscaled)."""
+    try:
+        with Image.open(path) as im:
+            # JPEG draft mode decodes straight at 1/2, 1/4 or 1/8 scale (never below `size`):
+            # it is the DCT's own antialiased downscale and makes decoding ~1.5× faster.
+            im.draft("RGB", (size, size))
+            im.load()
+            small = min(im.size) < size
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")   # transparent pixels become white, not black
+                im = Image.new("RGB", rgba.size, (255, 255, 255))
+                im.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                im = im.convert("RGB")
+            side = min(im.size)        # centre square, so non-square pictures are not squashed
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.resize((size, size), Image.Resampling.BILINEAR,
+                           box=(left, top, left + side, top + side))  # PIL filters antialias
+            return np.asarray(im, dtype=np.uint8), small
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None, False
+
+
+def _decode_chunk(job):
+    paths, size = job
+    return [decode_image(path, size) for path in paths]
+
+
+def decode_images(files, size, workers):
+    """Decode every file; `workers` processes share the work when there are enough files."""
+    if workers < 2 or len(files) < 2000:
+        return [decode_image(path, size) for path in tqdm(files, desc="decoding", leave=False,
+                                                          disable=None)]
+    chunks = [files[i:i + 500] for i in range(0, len(files), 500)]
+    # Workers only run PIL and numpy, so forking after torch has started is safe.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                      else None)
+    with ctx.Pool(workers) as pool:
+        results = []
+        for part in tqdm(pool.imap(_decode_chunk, [(c, size) for c in chunks]), total=len(chunks),
+                         desc="decoding", leave=False, disable=None):
+            results.extend(part)
+    return results
+
+
+def name_some(names, limit=5):
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_images(data_dir, size, cache_dir, workers=1):
+    """All images as an N×3×size×size uint8 tensor, from the cache when its key still matches."""
+    files = list_image_files(data_dir)
+    key = file_list_key(files, data_dir, size)
+    cache_path = cache_dir / f"images_{size}px.pt"
+    start = time.perf_counter()
+    if cache_path.exists():
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError):
+            cached = None       # a damaged cache is simply rebuilt
+        if cached is not None and cached.get("key") == key:
+            info = dict(cached["info"], cache="hit", seconds=time.perf_counter() - start)
+            return cached["images"], info
+    decoded = decode_images(files, size, workers)
+    names = [str(p.relative_to(data_dir)) for p in files]
+    skipped = [n for n, (arr, _) in zip(names, decoded) if arr is None]
+    upscaled = [n for n, (arr, small) in zip(names, decoded) if arr is not None and small]
+    arrays = [arr for arr, _ in decoded if arr is not None]
+    if not arrays:
+        raise UserError(f"none of the {len(files)} image files in {data_dir} could be decoded "
+                        f"(e.g. {name_some(names, 3)}): replace them or run `make data`")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    info = {"folder": str(data_dir), "files_found": len(files), "images": len(arrays),
+            "skipped": skipped, "upscaled": upscaled, "image_size": size,
+            "key": key, "decode_workers": workers}
+    seconds = time.perf_counter() - start
+    save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
+    return images, dict(info, cache="built", seconds=seconds)
+
+
+def report_data(info):
+    if info["cache"] == "hit":
+        print(f"data: {info['images']} images of {info['image_size']}px from the cache "
+              f"({info['seconds']:.1f} s)")
+    else:
+        print(f"data: decoded {info['images']} of {info['files_found']} files in "
+              f"{info['seconds']:.1f} s ({info['files_found'] / info['seconds']:.0f} files/s, "
+              f"{info['decode_workers']} workers); cache written")
+    if info["skipped"]:
+        print(f"warning: skipped {len(info['skipped'])} unreadable or corrupt files: "
+              f"{name_some(info['skipped'])}")
+    if info["upscaled"]:
+        print(f"warning: {len(info['upscaled'])} images smaller than {info['image_size']}px were "
+              f"upscaled (blurry): {name_some(info['upscaled'])}")
+
+
+def split_indices(n, fraction, seed):
+    """Deterministic split: a seeded permutation, the first `fraction` of it is the test set."""
+    n_test = max(2, round(n * fraction))
+    if n - n_test < 2:
+        raise UserError(f"only {n} readable images: need at least {n_test + 2} for a "
+                        "train/test split; add images to --data-dir")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_test:].sort().values, perm[:n_test]
+
+
+def to_float(batch_uint8):
+    return batch_uint8.float().div_(255)
+
+
+# ======================================================================================
+# Model
+# ======================================================================================
+
+
+class VAE(nn.Module):
+    """5 stride-2 convolutions -> (μ, log σ²) of a Gaussian latent -> mirrored decoder."""
+
+    def __init__(self, latent_dim=128, image_size=32):
+        super().__init__()
+        side = image_size // 32                       # five halvings: 32 -> 1, 64 -> 2
+        flat = CHANNELS[-1] * side * side
+        widths = (3,) + CHANNELS
+        down = [m for c_in, c_out in zip(widths, widths[1:])
+                for m in (nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
+        self.encoder = nn.Sequential(*down, nn.Flatten())
+        self.to_moments = nn.Linear(flat, 2 * latent_dim)           # μ and log σ²
+        up = [m for c_in, c_out in zip(widths[::-1], widths[::-1][1:])
+              for m in (nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2),
+                                     nn.Unflatten(1, (CHANNELS[-1], side, side)),
+                                     *up[:-1])                      # logits; sigmoid in decode()
+
+    def encode(self, x):
+        mu, logvar = self.to_moments(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z):
+        return torch.sigmoid(self.decoder(z))
+
+    def forward(self, x, noise):
+        mu, logvar = self.encode(x)
+        z = mu + noise * torch.exp(0.5 * logvar)                    # reparameterisation
+        return self.decoder(z), mu, logvar
+
+
+def loss_terms(logits, x, mu, logvar):
+    """Per-image reconstruction and KL, in nats (vectors of length batch)."""
+    # Bernoulli log-likelihood summed over all 3×H×W values of an image; KL to N(0, I) summed
+    # over latent dimensions; callers average recon + λ·KL over the batch.
+    recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").flatten(1).sum(1)
+    kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(1)
+    return recon, kl
+
+
+def kl_per_dimension(mu, logvar):
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
+
+def architecture_table(model, image_size):
+    """(layer, output shape, parameters) rows, traced with one dummy image."""
+    rows = [("input image", (3, image_size, image_size), 0)]
+    x = torch.zeros(1, 3, image_size, image_size)
+
+    def walk(layers, x, prefix):
+        for layer in layers:
+            x = layer(x)
+            if isinstance(layer, nn.Flatten):
+                continue
+            rows.append((f"{prefix}{layer.__class__.__name__}"
+                         + (f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/2"
+                            if hasattr(layer, "kernel_size") else ""),
+                         tuple(x.shape[1:]), sum(p.numel() for p in layer.parameters())))
+        return x
+
+    with torch.no_grad():
+        h = walk(model.encoder, x, "enc ")
+        walk([model.to_moments], h, "enc (μ, log σ²) ")
+        z = torch.zeros(1, model.to_moments.out_features // 2)
+        rows.append(("z = μ + σ·ε", tuple(z.shape[1:]), 0))
+        walk(model.decoder, z, "dec ")
+        rows.append(("dec Sigmoid", (3, image_size, image_size), 0))
+    return rows
+
+
+# ======================================================================================
+# Training
+# ======================================================================================
+
+
+def epoch_order(n, seed, epoch):
+    """Each epoch's shuffle comes from (seed, epoch) alone, so a resumed run replays it exactly."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def autocast(device, amp):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model, images, idx, kl_weight, device, amp, seed, batch_size=512):
+    """Test objective, true neg-ELBO (λ = 1), recon, KL, MSE of the posterior-mean
+    reconstruction, and KL per latent dimension; one seeded noise draw, so it is repeatable."""
+    model.eval()
+    noise_gen = torch.Generator(device=device).manual_seed(seed)
+    sums = {"recon": 0.0, "kl": 0.0, "mse": 0.0}
+    kl_dims = 0
+    for start in range(0, len(idx), batch_size):
+        x = to_float(images[idx[start:start + batch_size]])
+        with autocast(device, amp):
+            mu, logvar = model.encode(x)
+            noise = torch.randn(mu.shape, generator=noise_gen, device=device)
+            logits = model.decoder(mu + noise * torch.exp(0.5 * logvar))
+            mean_recon = model.decode(mu)
+        mu, logvar = mu.float(), logvar.float()
+        recon, kl = loss_terms(logits, x, mu, logvar)
+        sums["recon"] += recon.sum().item()
+        sums["kl"] += kl.sum().item()
+        sums["mse"] += (mean_recon.float() - x).pow(2).flatten(1).mean(1).sum().item()
+        kl_dims = kl_dims + kl_per_dimension(mu, logvar).sum(0)
+    n = len(idx)
+    out = {k: v / n for k, v in sums.items()}
+    out["neg_elbo"] = out["recon"] + out["kl"]
+    out["objective"] = out["recon"] + kl_weight * out["kl"]
+    out["kl_per_dim"] = (kl_dims / n).cpu().tolist()
+    out["active_units"] = int(sum(v > ACTIVE_UNIT_NATS for v in out["kl_per_dim"]))
+    return out
+
+
+def checkpoint_path(out, kl_weight):
+    return out / "checkpoints" / f"lambda_{weight_tag(kl_weight)}.pt"
+
+
+def weight_tag(kl_weight):
+    return f"{kl_weight:g}"
+
+
+def save_checkpoint(run, path):
+    """nanoGPT-style: everything needed to continue, including the mid-epoch position."""
+    save_torch_atomically({
+        "model": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
+        "config": run["config"], "data_key": run["data_key"], "epoch": run["epoch"],
+        "step": run["step"], "partial": run["partial"], "history": run["history"],
+        "noise_rng": run["noise_gen"].get_state(), "torch_rng": torch.get_rng_state(),
+    }, path)
+
+
+def new_run(config, data_key, device):
+    torch.manual_seed(config["seed"])         # the same initial weights for every λ
+    model = VAE(config["latent_dim"], config["image_size"]).to(device)
+    return {"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=config["lr"]),
+            "config": config, "data_key": data_key, "epoch": 0, "step": 0,
+            "partial": {"objective": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}, "history": [],
+            "noise_gen": torch.Generator(device=device).manual_seed(config["seed"] + 1),
+            "train_seconds": 0.0}
+
+
+def resume_run(path, config, data_key, device):
+    """The run in `path`, checked against the current settings and data."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {path} ({err}): delete it or drop --resume") from None
+    changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
+               if ckpt["config"].get(k) != v]
+    if changed:
+        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}): "
+                        "use the same flags or drop --resume")
+    if ckpt["data_key"] != data_key:
+        raise UserError(f"checkpoint {path} was trained on other images: "
+                        "use the same --data-dir or drop --resume")
+    run = new_run(config, data_key, device)
+    run["model"].load_state_dict(ckpt["model"])
+    run["optimizer"].load_state_dict(ckpt["optimizer"])
+    run["noise_gen"].set_state(ckpt["noise_rng"].cpu() if device.type == "cpu" else ckpt["noise_rng"])
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    run.update(epoch=ckpt["epoch"], step=ckpt["step"], partial=ckpt["partial"],
+               history=ckpt["history"])
+    return run
+
+
+def train_epoch(run, images, train_idx, device, amp, ckpt_path):
+    """One epoch from run["step"] on; NaN/inf stops with the last good checkpoint untouched."""
+    model, opt, cfg = run["model"], run["optimizer"], run["config"]
+    model.train()
+    order = train_idx[epoch_order(len(train_idx), cfg["seed"], run["epoch"])]
+    batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
+    sums = run["partial"]
+    bar = tqdm(batches[run["step"]:], desc=f"λ={weight_tag(cfg['kl_weight'])} "
+               f"epoch {run['epoch'] + 1}", leave=False, disable=None)
+    for batch in bar:
+        x = to_float(images[batch.to(images.device)])
+        noise = torch.randn((len(x), cfg["latent_dim"]), generator=run["noise_gen"], device=device)
+        with autocast(device, amp):
+            logits, mu, logvar = model(x, noise)
+        recon, kl = loss_terms(logits, x, mu, logvar)
+        loss = (recon + cfg["kl_weight"] * kl).mean()
+        # One host sync per step: it catches a NaN before it reaches the weights.
+        value = loss.item()
+        if not math.isfinite(value):
+            raise UserError(f"the loss became {value} at λ={weight_tag(cfg['kl_weight'])}, epoch "
+                            f"{run['epoch'] + 1}, step {run['step'] + 1}: lower --lr; the last good "
+                            f"checkpoint is kept ({ckpt_path if ckpt_path.exists() else 'none yet'})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums["objective"] += value * len(x)
+        sums["recon"] += recon.detach().sum().item()
+        sums["kl"] += kl.detach().sum().item()
+        sums["n"] += len(x)
+        run["step"] += 1
+        if run["step"] % 20 == 0:
+            bar.set_postfix(loss=f"{value:.1f}")
+    n = sums["n"]
+    return {"objective": sums["objective"] / n, "recon": sums["recon"] / n, "kl": sums["kl"] / n,
+            "neg_elbo": (sums["recon"] + sums["kl"]) / n}
+
+
+def train(run, images, train_idx, test_idx, epochs, device, amp, ckpt_path):
+    """Train to `epochs`, evaluating and checkpointing after each; Ctrl-C checkpoints mid-epoch."""
+    cfg = run["config"]
+    tag = weight_tag(cfg["kl_weight"])
+    while run["epoch"] < epochs:
+        start = time.perf_counter()
+        try:
+            train_stats = train_epoch(run, images, train_idx, device, amp, ckpt_path)
+            test_stats = evaluate(run["model"], images, test_idx, cfg["kl_weight"], device, amp,
+                                  cfg["seed"])
+            test_stats.pop("kl_per_dim")
+            run.update(history=run["history"] + [{"epoch": run["epoch"] + 1, "train": train_stats,
+                                                  "test": test_stats}],
+                       epoch=run["epoch"] + 1, step=0,
+                       partial={"objective": 0.0, "recon": 0.0, "kl": 0.0, "n": 0})
+            save_checkpoint(run, ckpt_path)
+        except KeyboardInterrupt:
+            # Mid-epoch the checkpoint records the step reached; resuming replays the rest.
+            run["train_seconds"] += time.perf_counter() - start
+            save_checkpoint(run, ckpt_path)
+            raise Interrupted(run) from None
+        seconds = time.perf_counter() - start
+        run["train_seconds"] += seconds
+        print(f"λ={tag:>4} epoch {run['epoch']:>3}/{epochs}  "
+              f"train obj {train_stats['objective']:8.1f} neg-ELBO {train_stats['neg_elbo']:7.1f} | "
+              f"test obj {test_stats['objective']:8.1f} neg-ELBO {test_stats['neg_elbo']:7.1f} "
+              f"recon {test_stats['recon']:7.1f} KL {test_stats['kl']:6.1f}  ({seconds:.0f} s)",
+              flush=True)
+    return run
+
+
+# ======================================================================================
+# Evaluation: the pictures and numbers each run is judged by
+# ======================================================================================
+
+
+def fixed_z(latent_dim, seed, device):
+    return torch.randn(N_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@torch.no_grad()
+def interpolate(model, x_a, x_b, steps=N_STEPS):
+    """Decoded points on the line between the posterior means of x_a and x_b (endpoints included)."""
+    mu_a, mu_b = model.encode(x_a[None])[0], model.encode(x_b[None])[0]
+    t = torch.linspace(0, 1, steps, device=mu_a.device)[:, None]
+    return model.decode((1 - t) * mu_a + t * mu_b)
+
+
+@torch.no_grad()
+def run_pictures(model, fixed_test, z):
+    """Reconstructions (posterior means), samples and interpolation rows, on the CPU as floats."""
+    model.eval()
+    recons = model.decode(model.encode(fixed_test)[0])
+    samples = model.decode(z)
+    pairs = []
+    for i in range(min(N_PAIRS, len(fixed_test) // 2)):
+        a, b = fixed_test[2 * i], fixed_test[2 * i + 1]
+        pairs.append(torch.cat([a[None], interpolate(model, a, b), b[None]]))
+    return {"recons": recons.float().cpu(), "samples": samples.float().cpu(),
+            "pairs": [p.float().cpu() for p in pairs]}
+
+
+def edge_energy(x):
+    """Mean absolute difference between neighbouring pixels: a simple sharpness measure."""
+    return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()).item() / 2
+
+
+def picture_stats(pictures, fixed_test, mean_image):
+    """Sharpness relative to the real images, and how close samples sit to the mean face."""
+    real = edge_energy(fixed_test)
+    samples = pictures["samples"]
+    return {"recon_sharpness": edge_energy(pictures["recons"]) / real,
+            "sample_sharpness": edge_energy(samples) / real,
+            "sample_mse_to_mean_image": (samples - mean_image).pow(2).mean().item(),
+            "sample_pixel_std": samples.std(0).mean().item()}
+
+
+def summarise(x):
+    """Round floats for metrics.json (deterministic, so identical runs stay identical)."""
+    if isinstance(x, float):
+        return round(x, 5)
+    if isinstance(x, dict):
+        return {k: summarise(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [summarise(v) for v in x]
+    return x
+
+
+# ======================================================================================
+# Figures
+# ======================================================================================
+
+
+def grid_image(images, nrow, pad=1):
+    """N×3×H×W floats -> one H'×W'×3 array with a white gutter."""
+    from torchvision.utils import make_grid
+    return make_grid(images.clamp(0, 1), nrow=nrow, padding=pad, pad_value=1).permute(1, 2, 0).numpy()
+
+
+def show_grid(ax, images, nrow, title=None):
+    ax.imshow(grid_image(images, nrow), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def plot_learning_curve(history, kl_weight, path):
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"),
+                              ("negative ELBO (λ = 1), nats/image", "reconstruction, nats/image",
+                               "KL(q(z|x) ‖ N(0, I)), nats/image")):
+        ax.plot(epochs, [h["train"][key] for h in history], "o-", label="train")
+        ax.plot(epochs, [h["test"][key] for h in history], "s--", label="test")
+        if key == "neg_elbo" and kl_weight != 1:
+            ax.plot(epochs, [h["test"]["objective"] for h in history], ":", color="grey",
+                    label=f"test objective (λ = {weight_tag(kl_weight)})")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Learning curve, λ = {weight_tag(kl_weight)} (train: running mean over the epoch)")
+    save_figure_atomically(fig, path)
+
+
+def plot_reconstructions(originals, recons, kl_weight, path):
+    import matplotlib.pyplot as plt
+    half = (len(originals) + 1) // 2
+    rows = [originals[:half], recons[:half], originals[half:], recons[half:]]
+    fig, ax = plt.subplots(figsize=(12, 3.4))
+    show_grid(ax, torch.cat([r for r in rows if len(r)]), half,
+              f"λ = {weight_tag(kl_weight)}: test images (rows 1, 3) and their reconstructions "
+              "from the posterior mean (rows 2, 4)")
+    save_figure_atomically(fig, path)
+
+
+def plot_samples(samples, kl_weight, path):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 6.3))
+    show_grid(ax, samples, 8, f"λ = {weight_tag(kl_weight)}: 64 samples from one fixed z ~ N(0, I)")
+    save_figure_atomically(fig, path)
+
+
+def plot_interpolations(pairs, kl_weight, path):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(12, 1.1 * len(pairs) + 0.6))
+    show_grid(ax, torch.cat(pairs), N_STEPS + 2,
+              f"λ = {weight_tag(kl_weight)}: original, {N_STEPS} decoded steps between the "
+              "two posterior means, original")
+    save_figure_atomically(fig, path)
+
+
+def plot_kl_per_dim(kl_per_dim, kl_weight, path):
+    import matplotlib.pyplot as plt
+    values = np.sort(np.asarray(kl_per_dim))[::-1]
+    active = int((values > ACTIVE_UNIT_NATS).sum())
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.bar(np.arange(len(values)), np.maximum(values, 1e-5), width=1.0,
+           color=np.where(values > ACTIVE_UNIT_NATS, "tab:blue", "tab:grey"))
+    ax.axhline(ACTIVE_UNIT_NATS, color="tab:red", ls="--", lw=1,
+               label=f"active threshold {ACTIVE_UNIT_NATS} nats")
+    ax.set_yscale("log")
+    ax.set_xlabel("latent dimension, sorted by KL")
+    ax.set_ylabel("mean KL over test set, nats")
+    ax.set_title(f"λ = {weight_tag(kl_weight)}: KL per latent dimension, "
+                 f"{active}/{len(values)} active units", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure_atomically(fig, path)
+
+
+def plot_comparison(pictures_by_weight, fixed_test, path):
+    import matplotlib.pyplot as plt
+    weights = list(pictures_by_weight)
+    fig, axes = plt.subplots(3, len(weights), figsize=(4.2 * len(weights), 11), squeeze=False)
+    n = min(8, len(fixed_test))
+    for col, w in enumerate(weights):
+        pics = pictures_by_weight[w]
+        show_grid(axes[0, col], pics["samples"][:36], 6, f"λ = {weight_tag(w)}: samples")
+        show_grid(axes[1, col], torch.cat([fixed_test[:n], pics["recons"][:n]]), n // 2 or 1,
+                  "test images (top) / reconstructions")
+        if pics["pairs"]:
+            show_grid(axes[2, col], torch.cat(pics["pairs"][:2]), N_STEPS + 2, "interpolations")
+        else:
+            axes[2, col].set_axis_off()
+    fig.tight_layout()
+    save_figure_atomically(fig, path)
+
+
+def figure_paths(out, kl_weight):
+    tag = weight_tag(kl_weight)
+    return {name: out / f"lambda_{tag}_{name}.png"
+            for name in ("learning_curve", "reconstructions", "samples", "interpolations", "kl_per_dim")}
+
+
+def write_run_figures(out, kl_weight, history, pictures, fixed_test, kl_per_dim):
+    paths = figure_paths(out, kl_weight)
+    if history:
+        plot_learning_curve(history, kl_weight, paths["learning_curve"])
+    plot_reconstructions(fixed_test.float().cpu(), pictures["recons"], kl_weight, paths["reconstructions"])
+    plot_samples(pictures["samples"], kl_weight, paths["samples"])
+    if pictures["pairs"]:
+        plot_interpolations(pictures["pairs"], kl_weight, paths["interpolations"])
+    plot_kl_per_dim(kl_per_dim, kl_weight, paths["kl_per_dim"])
+
+
+# ======================================================================================
+# Report
+# ======================================================================================
+
+
+def fmt(x, digits=1):
+    return f"{x:,.{digits}f}"
+
+
+def discussion(metrics):
+    """Sentences about the KL term, each conditional on what the measured numbers show."""
+    runs = {r["kl_weight"]: r for r in metrics["runs"]}
+    latent = metrics["config"]["latent_dim"]
+    mean_mse = metrics["anchors"]["mean_image_mse"]
+    lines = []
+    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
+    lines.append(f"- The lowest test negative ELBO (λ = 1 accounting) is at λ = {weight_tag(best['kl_weight'])}: "
+                 f"{fmt(best['test']['neg_elbo'])} nats/image"
+                 + (", as expected, since only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
+                    else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
+                    if 1.0 in runs else "."))
+    for w, r in sorted(runs.items(), reverse=True):
+        if w <= 1:
+            continue
+        t, s = r["test"], r["pictures"]
+        collapsed = t["active_units"] <= max(1, latent // 10)
+        near_mean = s["sample_mse_to_mean_image"] < 0.5 * mean_mse
+        lines.append(
+            f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with {t['active_units']}/{latent} "
+            "active units; " + ("the posterior has largely collapsed onto the prior" if collapsed
+                                else "the posterior has not collapsed (many units stay active)")
+            + f". Its test MSE is {fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for always predicting "
+            "the mean training image" + (" — no better than the mean face" if t["mse"] >= 0.95 * mean_mse
+                                         else "") + ". "
+            + (f"Its samples sit close to the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)}, "
+               f"while real test images are {fmt(mean_mse, 4)} from it)." if near_mean else
+               f"Its samples are not just the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)} "
+               f"vs {fmt(mean_mse, 4)} for real images)."))
+    if 0.0 in runs:
+        r0 = runs[0.0]
+        others = [r for w, r in runs.items() if w != 0]
+        sharpest = all(r0["test"]["mse"] < r["test"]["mse"] for r in others)
+        line = (f"- λ = 0 (a plain autoencoder with noise): test MSE {fmt(r0['test']['mse'], 4)}, "
+                + ("the lowest of all runs, so its reconstructions are the most faithful"
+                   if sharpest else "not the lowest of all runs, so the numbers do not show it "
+                   "reconstructing best") + f" (edge sharpness {fmt(r0['pictures']['recon_sharpness'], 2)} "
+                "of the real images'). ")
+        if 1.0 in runs:
+            kl0, kl1 = r0["test"]["kl"], runs[1.0]["test"]["kl"]
+            line += (f"Nothing pulls its posterior towards N(0, I): KL {fmt(kl0)} nats/image vs "
+                     f"{fmt(kl1)} at λ = 1, so " + ("prior draws land far from the codes the decoder "
+                     "was trained on; compare its samples figure with λ = 1's." if kl0 > 2 * kl1 else
+                     "its codes are not much further from the prior than λ = 1's."))
+        lines.append(line)
+    lines.append("- Sharpness (mean neighbouring-pixel difference relative to real test images): "
+                 + ", ".join(f"λ = {weight_tag(w)}: reconstructions {fmt(r['pictures']['recon_sharpness'], 2)}, "
+                             f"samples {fmt(r['pictures']['sample_sharpness'], 2)}"
+                             for w, r in runs.items()) + ". Below 1 means blurrier than the data.")
+    return "\n".join(lines)
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_report(metrics, arch_rows, out):
+    cfg, data, anchors, timing = metrics["config"], metrics["data"], metrics["anchors"], metrics["timing"]
+    latent = cfg["latent_dim"]
+    arch = markdown_table(["layer", "output shape", "parameters"],
+                          [(n, "×".join(map(str, s)), f"{p:,}") for n, s, p in arch_rows])
+    results = markdown_table(
+        ["λ", "test neg-ELBO (nats)", "recon (nats)", "KL (nats)", "test MSE", "active units",
+         "train objective"],
+        [(weight_tag(r["kl_weight"]), fmt(r["test"]["neg_elbo"]), fmt(r["test"]["recon"]),
+          fmt(r["test"]["kl"], 2), fmt(r["test"]["mse"], 4), f"{r['test']['active_units']}/{latent}",
+          fmt(r["history"][-1]["train"]["objective"]) if r["history"] else "–")
+         for r in metrics["runs"]]
+        + [("anchor: mean training image", "", "", "", fmt(anchors["mean_image_mse"], 4), "", "")]
+        + ([("anchor: λ = 0 model", "", "", "", fmt(anchors["lambda_0_mse"], 4), "", "")]
+           if anchors.get("lambda_0_mse") is not None else []))
+    figures = []
+    for r in metrics["runs"]:
+        tag = weight_tag(r["kl_weight"])
+        figures.append(f"### λ = {tag}\n")
+        for name in ("learning_curve", "reconstructions", "samples", "interpolations", "kl_per_dim"):
+            if (out / f"lambda_{tag}_{name}.png").exists():
+                figures.append(f"![λ = {tag} {name.replace('_', ' ')}](lambda_{tag}_{name}.png)\n")
+    skipped = (f"{len(data['skipped'])} unreadable files were skipped ({name_some(data['skipped'])}). "
+               if data["skipped"] else "No file was unreadable. ")
+    upscaled = (f"{len(data['upscaled'])} images smaller than {cfg['image_size']}px were upscaled. "
+                if data["upscaled"] else "")
+    return f"""# VAE on anime faces: the KL weight λ at {', '.join(weight_tag(r['kl_weight']) for r in metrics['runs'])}
+
+Generated by `vae_anime.py` from `metrics.json`; every number below is measured in this run
+({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, total {fmt(timing['total_s'] / 60)} min).
+
+## Preprocessing
+
+{data['files_found']:,} image files in `{data['folder']}` (searched recursively); {data['images']:,} decoded.
+{skipped}{upscaled}Each image is converted to RGB (transparency over white), cropped to its central
+square, resized to {cfg['image_size']}×{cfg['image_size']} with an antialiasing bilinear filter (JPEGs are first
+decoded at a reduced DCT scale, PIL's draft mode) and scaled to [0, 1]. The decoded uint8 tensor is
+cached, keyed by the file list (paths, sizes, mtimes) and the size. Split by seed {cfg['seed']}:
+{data['train']:,} training and {data['test']:,} test images.
+
+## Model and loss
+
+Encoder: 5 convolutions (4×4, stride 2, LeakyReLU 0.2, no pooling) then a linear layer giving μ and
+log σ² of a {latent}-dimensional Gaussian; decoder: the mirror image with transposed convolutions and a
+sigmoid output. {sum(p for _, _, p in arch_rows):,} parameters.
+
+{arch}
+
+Loss per image: reconstruction summed over the 3×{cfg['image_size']}×{cfg['image_size']} values plus
+λ·KL(q(z|x) ‖ N(0, I)) summed over the latent dimensions, averaged over the batch. The likelihood is
+**Bernoulli** (binary cross-entropy on the sigmoid's logits): it matches a sigmoid output in [0, 1],
+needs no noise scale — a Gaussian's fixed σ² would silently rescale the reconstruction term and so
+act as a second KL weight, confounding the λ comparison — and it is the usual choice for this
+assignment. Its cost: for pixels that are not 0 or 1 it is not a normalised density, so its minimum
+is the pixels' own binary entropy, not 0 — on this test set that floor is
+{fmt(anchors['recon_floor'])} nats/image, and "neg-ELBO" here is that of the Bernoulli model. Adam,
+learning rate {cfg['lr']}, batch {cfg['batch_size']}. Test numbers use one seeded posterior sample per
+image; MSE and reconstructions use the posterior mean.
+
+## Results (test set, per image)
+
+{results}
+
+Active units: latent dimensions whose mean KL over the test set exceeds {ACTIVE_UNIT_NATS} nats.
+
+## What the numbers say about the KL term
+
+{discussion(metrics)}
+
+## Figures
+
+![the three λ side by side](lambda_comparison.png)
+
+{chr(10).join(figures)}
+## Timing
+
+Data: {fmt(timing['data_s'])} s (cache {timing['cache']}). Training:
+{', '.join(f"λ = {w}: {fmt(s)} s" for w, s in timing['train_s'].items())}.
+Load average before / after: {timing['load_before']} / {timing['load_after']} on {timing['cpus']} CPUs.
+"""
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+
+def train_or_resume(args, kl_weight, images, data_key, train_idx, test_idx, device):
+    config = run_config(args, kl_weight)
+    path = checkpoint_path(args.out, kl_weight)
+    if args.resume and path.exists():
+        run = resume_run(path, config, data_key, device)
+        print(f"λ={weight_tag(kl_weight)}: resuming from epoch {run['epoch']}"
+              + (f", step {run['step']}" if run["step"] else "") + f" ({path})")
+    else:
+        run = new_run(config, data_key, device)
+    return train(run, images, train_idx, test_idx, args.epochs, device, args.amp, path)
+
+
+def finish_run(run, images, test_idx, fixed_test, z, mean_image, device, amp, out):
+    """Evaluate a trained (or interrupted) run and write its figures; returns its metrics entry."""
+    cfg = run["config"]
+    test = evaluate(run["model"], images, test_idx, cfg["kl_weight"], device, amp, cfg["seed"])
+    with autocast(device, amp):
+        pictures = run_pictures(run["model"], fixed_test, z)
+    write_run_figures(out, cfg["kl_weight"], run["history"], pictures, fixed_test, test["kl_per_dim"])
+    return {"kl_weight": cfg["kl_weight"], "epochs": run["epoch"],
+            "test": {k: test[k] for k in ("objective", "neg_elbo", "recon", "kl", "mse", "active_units")},
+            "kl_per_dim": test["kl_per_dim"],
+            "pictures": picture_stats(pictures, fixed_test.float().cpu(), mean_image),
+            "history": run["history"]}, pictures
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run_all(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing written", file=sys.stderr)
+        return 130
+
+
+def run_all(args):
+    t0, load_before = time.perf_counter(), os.getloadavg()[0]
+    device = pick_device(args)
+    check_writable(args.out)
+
+    # ---- seeding: every random draw below is derived from --seed ----
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    # ------------------------------------------------------------------
+
+    images, data_info = load_images(args.data_dir, args.image_size, args.cache_dir, args.workers)
+    report_data(data_info)
+    images = images.to(device)                       # once; batches are sliced on the device
+    train_idx, test_idx = split_indices(len(images), args.test_fraction, args.seed)
+    train_idx, test_idx = train_idx.to(device), test_idx.to(device)
+    fixed_test = to_float(images[test_idx[:N_FIXED_TEST]])
+    mean_image = to_float(images[train_idx]).mean(0).cpu()
+    test_cpu = to_float(images[test_idx]).cpu()
+    z = fixed_z(args.latent_dim, args.seed, device)
+    print(f"device {device}; {len(train_idx)} train / {len(test_idx)} test images; "
+          f"λ = {', '.join(map(weight_tag, args.kl_weights))}; {args.epochs} epochs each")
+
+    entries, pictures, train_s = [], {}, {}
+    for w in args.kl_weights:
+        try:
+            run = train_or_resume(args, w, images, data_info["key"], train_idx, test_idx, device)
+        except Interrupted as stop:
+            finish_run(stop.run, images, test_idx, fixed_test, z, mean_image, device, args.amp, args.out)
+            print(f"interrupted: checkpoint saved to {checkpoint_path(args.out, w)}, figures so far "
+                  f"in {args.out}; continue with --resume", file=sys.stderr)
+            return 130
+        train_s[weight_tag(w)] = run["train_seconds"]
+        entry, pictures[w] = finish_run(run, images, test_idx, fixed_test, z, mean_image, device,
+                                        args.amp, args.out)
+        entries.append(entry)
+    plot_comparison(pictures, fixed_test.float().cpu(), args.out / "lambda_comparison.png")
+
+    lambda_0 = next((e for e in entries if e["kl_weight"] == 0), None)
+    metrics = summarise({
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("resume", "workers", "kl_weight")},
+        "data": {k: v for k, v in data_info.items() if k not in ("cache", "seconds")}
+        | {"train": len(train_idx), "test": len(test_idx)},
+        "runs": entries,
+        "anchors": {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
+                    "lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None,
+                    "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
+                    / len(test_cpu)},
+    })
+    metrics["timing"] = summarise({
+        "device": str(device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "data_s": data_info["seconds"], "cache": data_info["cache"], "train_s": train_s,
+        "total_s": time.perf_counter() - t0,
+        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)})
+    arch_rows = architecture_table(VAE(args.latent_dim, args.image_size), args.image_size)
+    write_text_atomically(args.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    write_text_atomically(args.out / "REPORT.md", build_report(metrics, arch_rows, args.out))
+    print(f"done in {metrics['timing']['total_s'] / 60:.1f} min: {args.out / 'REPORT.md'}, "
+          f"{args.out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
