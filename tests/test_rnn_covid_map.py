@@ -143,6 +143,7 @@ def test_writes_html_and_csv_without_browser(tmp_path, caplog):
     assert "<script src=" not in html  # plotly.js inline: nothing fetched
     assert '"locationmode":"ISO-3"' in html and '"zmin":0.0' in html and '"zmax":1.0' in html
     assert "Diamond Princess" not in html and "Atlantis" not in html  # not on the map
+    assert "%{customdata[0]}" in html and "%{z:.3f}" in html and "%{customdata[1]}" in html  # hover
 
 
 def test_no_browser_found_via_browser_path_env(tmp_path, monkeypatch, caplog):
