@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("rnn_covid")
 
@@ -269,7 +270,16 @@ def build_dataset(d, countries_C, dates, L, args):
     y = make_labels(dC, L, args.label)
     sets = {k: (X[:, m].reshape(-1, L, X.shape[-1]), y[:, m].ravel().astype(np.float32))
             for k, m in masks.items()}
-    return {"L": L, "sets": sets, "masks": masks, "scale": scale, "dC": dC, "T": T}
+    # Training windows of a country with (almost) no cases yet are another regime (a first
+    # imported case is a "rise"); they are most of the early training period and teach the
+    # models little about active epidemics. Validation and test keep every window.
+    active = own[:, masks["train"]].reshape(-1, L).mean(axis=-1) >= args.min_mean
+    sets["train"] = (sets["train"][0][active], sets["train"][1][active])
+    if len(np.unique(sets["train"][1])) < 2:
+        raise InputError(f"the {int(active.sum())} training windows (L={L}, mean >= --min-mean "
+                         f"{args.min_mean}) do not hold both classes; lower --min-mean or --test-days")
+    return {"L": L, "sets": sets, "masks": masks, "scale": scale, "dC": dC, "T": T,
+            "inactive_train_windows": int((~active).sum())}
 
 
 def latest_features(d, countries_C, dates, L, args, scale):
@@ -344,7 +354,8 @@ def train_model(cell, dataset, args, seed, device, desc):
     curves = {f"{k}_{m}": [] for k in ("train", "val", "test") for m in ("loss", "acc")}
     best_loss, best_epoch, best_state = float("inf"), 0, None
     epochs = args.epochs[cell]
-    for epoch in tqdm(range(1, epochs + 1), desc=desc, leave=False, mininterval=1.0):
+    # Progress bars on a terminal only: piped logs (make, CI) stay one line per run.
+    for epoch in tqdm(range(1, epochs + 1), desc=desc, leave=False, mininterval=1.0, disable=None):
         model.train()
         order = torch.randperm(len(Xtr), generator=gen).to(device) if batch < len(Xtr) else None
         for i in range(0, len(Xtr), batch):
@@ -866,7 +877,9 @@ def build_report(m):
            if cfg["label"] == "rise" else "tomorrow's new cases are positive (the cumulative count grows)."),
         f"- Windows of L = {L} days, stride 1: " + ", ".join(
             f"{k} {s['windows']} ({s['label_days']} label days, {100 * s['rise_fraction']:.1f}% rise)"
-            for k, s in spl.items()) + ".",
+            for k, s in spl.items()) + f"; {data['inactive_train_windows_dropped']} training windows "
+        f"with a mean below {cfg['min_mean']} new cases a day were left out of training "
+        "(validation and test keep every window).",
         f"- Inputs: features `{cfg['features']}`, normalisation `{cfg['norm']}`.", "",
         f"## Results on the test windows (L = {L})", "",
         *_results_rows(m["summary"], base, L, chosen), "",
@@ -960,8 +973,10 @@ def parse_args(argv=None):
                    help="rise: d[t+1] > d[t]; cumulative: d[t+1] > 0 (the reference report's target)")
     p.add_argument("--test-days", type=_positive_int, default=20, help="last label days held out")
     p.add_argument("--val-days", type=_positive_int, default=10, help="label days before the test days")
+    p.add_argument("--min-mean", type=float, default=1.0,
+                   help="train only on windows with at least this mean of daily new cases")
     p.add_argument("--norm", choices=("window", "log", "global"), default="window")
-    p.add_argument("--features", choices=("own", "context"), default="context")
+    p.add_argument("--features", choices=("own", "context"), default="own")
     p.add_argument("--layers", type=_positive_int)
     p.add_argument("--hidden", type=_positive_int)
     p.add_argument("--lr", type=float)
@@ -1022,6 +1037,7 @@ def data_summary(layout, d, negatives, zero_var, C, dataset):
         "negative_differences": len(negatives), "negatives": negatives,
         "zero_variance": len(zero_var), "zero_variance_countries": zero_var,
         "C_size": len(C), "C": C,
+        "inactive_train_windows_dropped": dataset["inactive_train_windows"],
         "splits": {k: {"windows": int(len(y)), "label_days": int(dataset["masks"][k].sum()),
                        "rise_fraction": round(float(y.mean()), 6) if len(y) else None}
                    for k, (X, y) in dataset["sets"].items()},
@@ -1051,7 +1067,8 @@ def run(args):
     log.info("C: %d countries with r > %.2f (%d zero-variance countries excluded)",
              len(C), args.threshold, len(zero_var))
     # 3. Data sets: every window length is checked before anything is written.
-    datasets = {L: build_dataset(d, C, d.columns, L, args) for L in sorted({args.L, *args.sweep_L})}
+    datasets = {L: build_dataset(d, C, d.columns, L, args)
+                for L in [args.L] + sorted(set(args.sweep_L) - {args.L})}
     main_ds = datasets[args.L]
     data = data_summary(layout, d, negatives, zero_var, C, main_ds)
     log.info("windows (L=%d): %s", args.L, ", ".join(f"{k} {v['windows']}" for k, v in data["splits"].items()))
@@ -1127,9 +1144,12 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # The log goes to stdout so that stderr holds nothing but an error's one line.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
     try:
-        run(args)
+        with logging_redirect_tqdm():
+            run(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
