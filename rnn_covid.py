@@ -137,7 +137,8 @@ def load_cumulative(path):
     if not path.is_file():
         raise InputError(f"data file {path} not found; run `make data` to fetch it")
     try:
-        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+        # utf-8-sig: a file re-saved by Excel starts with a byte-order mark
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
     head = [s.strip() for s in raw.iloc[0, :4]] if raw.shape[1] >= 4 else []
@@ -259,14 +260,18 @@ def window_features(own, context, dow, norm, scale, features):
     return np.stack(chans, axis=-1).astype(np.float32)
 
 
-def build_dataset(d, countries_C, dates, L, args):
-    """Windows, labels and train/val/test masks for the countries of C."""
-    dC = d.loc[countries_C].to_numpy()
-    T = dC.shape[1]
+def check_enough_days(T, L, args):
     if T < L + args.test_days + args.val_days + 1:
         raise InputError(f"{T} days of differences are too few for L={L}, {args.test_days} test days "
                          f"and {args.val_days} validation days (needs L + test + validation + 1 = "
                          f"{L + args.test_days + args.val_days + 1})")
+
+
+def build_dataset(d, countries_C, dates, L, args):
+    """Windows, labels and train/val/test masks for the countries of C."""
+    dC = d.loc[countries_C].to_numpy()
+    T = dC.shape[1]
+    check_enough_days(T, L, args)
     own = make_windows(dC, L)
     context = make_windows(dC.sum(axis=0), L)
     dow = make_windows(dates.day_of_week.to_numpy(), L)
@@ -1077,6 +1082,8 @@ def run(args):
     d, negatives = daily_differences(cum, args.start, args.end)
     log.info("loaded %s (%s layout): %d countries, %d days of differences, %d negative differences clipped",
              args.data, layout, d.shape[0], d.shape[1], len(negatives))
+    for L in [args.L, *args.sweep_L]:
+        check_enough_days(d.shape[1], L, args)
     # 2. Correlation and the set C.
     corr, zero_var = correlations(d)
     C = select_countries(corr, args.threshold)
@@ -1111,16 +1118,15 @@ def run(args):
     t = lap("baselines", t)
 
     # 6. L sweep: the same test label days for every L.
-    sweep_seeds = seeds[:args.sweep_seeds] if args.sweep_seeds <= len(seeds) else \
-        [args.seed + i for i in range(args.sweep_seeds)]
-    sweep_runs = [r for r in runs if r["seed"] in sweep_seeds]
-    logreg_by_L = {}
+    sweep_seeds = [args.seed + i for i in range(args.sweep_seeds)]
+    sweep_runs, extra_runs, logreg_by_L = [], [], {}
     for L in args.sweep_L:
-        if L != args.L or set(sweep_seeds) - set(seeds):
-            extra = [s for s in sweep_seeds if L != args.L or s not in seeds]
-            sweep_runs += train_grid(args.models, datasets[L], args, extra, device, run_seconds)[0]
+        todo = [s for s in sweep_seeds if L != args.L or s not in seeds]  # reuse the runs above
+        new = train_grid(args.models, datasets[L], args, todo, device, run_seconds)[0] if todo else []
+        extra_runs += new
+        sweep_runs += new + [r for r in runs if r["L"] == L and r["seed"] in sweep_seeds]
         logreg_by_L[L] = evaluate_baselines(datasets[L], "test")["logistic regression"]["accuracy"]
-    sweep = summarise([r for r in sweep_runs if r["L"] in args.sweep_L]) if args.sweep_L else {}
+    sweep = summarise(sweep_runs)
     if args.sweep_L:
         plot_sweep(sweep, baselines, logreg_by_L, out)
     t = lap("sweep", t)
@@ -1141,12 +1147,11 @@ def run(args):
 
     # 8. Report and metrics.
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    all_runs = runs + [r for r in sweep_runs if r not in runs]
     timing.update(total_s=round(time.perf_counter() - t_start, 2), device=str(device),
                   threads=args.threads, load_avg_1min=round(os.getloadavg()[0], 2), runs_s=run_seconds)
     metrics = {
         "config": config, "data": data, "baselines": baselines,
-        "models": all_runs,
+        "models": runs + extra_runs,
         "summary": summarise(runs),
         "selection": {"criterion": "mean validation accuracy over seeds", "val_accuracy": val_acc,
                       "chosen_model": chosen},

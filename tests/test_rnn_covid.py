@@ -250,7 +250,18 @@ def test_threshold_leaving_fewer_than_two_countries(tmp_path):
     assert_clean_failure(r, out, "leaves", "largest correlation")
 
 
-@pytest.mark.parametrize("args, phrase", [(["--L", "0"], "--L"), (["--model", "transformer"], "--model")])
+@needs_assignment
+def test_cuda_requested_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    assert_clean_failure(run_script("--device", "cuda", "--out", out), out, "no CUDA device")
+
+
+@pytest.mark.parametrize("args, phrase", [(["--L", "0"], "--L"), (["--model", "transformer"], "--model"),
+                                          (["--sweep-L", "3,0"], "--sweep-L")])
 def test_argparse_rejects_bad_L_and_unknown_model(tmp_path, args, phrase):
     out = tmp_path / "out"
     r = run_script(*args, "--out", out)
