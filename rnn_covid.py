@@ -961,6 +961,16 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _date(text):
     try:
         return pd.Timestamp(text).strftime("%Y-%m-%d")
@@ -1001,8 +1011,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction,
                    help="keep the epoch of lowest validation loss (default preset: on)")
-    p.add_argument("--batch-size", type=int, default=0, help="0: full batch")
-    p.add_argument("--log-every", type=int, help="log train/test accuracy every N epochs (0: never)")
+    p.add_argument("--batch-size", type=_non_negative_int, default=0, help="0: full batch")
+    p.add_argument("--log-every", type=_non_negative_int,
+                   help="log train/test accuracy every N epochs (0: never)")
     p.add_argument("--seeds", type=_positive_int, help="seeds per model: seed, seed+1, ... (preset)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sweep-L", type=_int_list,
