@@ -135,7 +135,7 @@ def parse_args(argv=None):
                    help="comma-separated KL weights λ, one model each")
     p.add_argument("--kl-weight", type=kl_weight, default=None,
                    help="train a single λ (overrides --kl-weights)")
-    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--epochs", type=positive_int, default=4)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--test-fraction", type=test_fraction, default=0.1)
@@ -757,7 +757,8 @@ def plot_kl_per_dim(kl_per_dim, kl_weight, path):
 def plot_comparison(pictures_by_weight, fixed_test, path):
     import matplotlib.pyplot as plt
     weights = list(pictures_by_weight)
-    fig, axes = plt.subplots(3, len(weights), figsize=(4.2 * len(weights), 11), squeeze=False)
+    fig, axes = plt.subplots(3, len(weights), figsize=(4.2 * len(weights), 9.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [6, 4, 1.4]})
     n = min(8, len(fixed_test))
     for col, w in enumerate(weights):
         pics = pictures_by_weight[w]
@@ -818,7 +819,9 @@ def discussion(metrics):
         near_mean = s["sample_mse_to_mean_image"] < 0.5 * mean_mse
         lines.append(
             f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with {t['active_units']}/{latent} "
-            "active units; " + ("the posterior has largely collapsed onto the prior" if collapsed
+            "active units; " + ("the posterior has collapsed onto the prior: no latent dimension "
+                                "carries information" if t["active_units"] == 0 else
+                                "the posterior has largely collapsed onto the prior" if collapsed
                                 else "the posterior has not collapsed (many units stay active)")
             + f". Its test MSE is {fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for always predicting "
             "the mean training image" + (" — no better than the mean face" if t["mse"] >= 0.95 * mean_mse
