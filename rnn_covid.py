@@ -12,7 +12,8 @@ Run:
     python rnn_covid.py --model gru --seeds 1        # one model, one seed
     python rnn_covid.py --preset report              # the reference report's settings
     python rnn_covid.py --data data/time_series_covid19_confirmed_global.csv \
-        --threshold 0.7 --start 2020-03-01 --end 2020-12-31 --test-days 30
+        --start 2020-03-01 --end 2021-02-28 --threshold 0.8 --test-days 60 --val-days 30 \
+        --features context --L 14 --sweep-L "" --batch-size 512 --epochs 30 --lr 0.003
 
 Writes under --out (default figures/rnn_covid/), every file atomically: REPORT.md,
 metrics.json, corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png,
