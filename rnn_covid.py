@@ -924,8 +924,13 @@ def build_report(m):
                 lines.append(f"| {cell.upper()} | " + " | ".join(cells) + " |")
         lines.append("| logistic regression | " + " | ".join(
             _fmt(m["sweep_logreg"].get(str(x))) for x in Ls) + " |")
+        top = max(m["sweep"].values(), key=lambda e: e["accuracy"]["mean"])
+        above = sum(e["accuracy"]["mean"] > naive[best_naive]["accuracy"] for e in m["sweep"].values())
         lines += ["", f"Naive baselines do not depend on L (same label days): {best_naive} "
-                  f"{_fmt(naive[best_naive]['accuracy'])}.", "", "![L sweep](L_sweep.png)", ""]
+                  f"{_fmt(naive[best_naive]['accuracy'])}. The best sweep point is {top['model'].upper()} "
+                  f"at L = {top['L']} ({_fmt(top['accuracy']['mean'])}); {above} of {len(m['sweep'])} "
+                  f"model × L points beat {best_naive} on average (read on test: for description, "
+                  "not for choosing L).", "", "![L sweep](L_sweep.png)", ""]
     mp = m["map"]
     lines += ["## World map", "",
               f"P(rise tomorrow) from each country's last {L} days by the chosen model "
