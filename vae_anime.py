@@ -489,6 +489,7 @@ def save_checkpoint(run, path):
         "config": run["config"], "data_key": run["data_key"], "epoch": run["epoch"],
         "step": run["step"], "partial": run["partial"], "history": run["history"],
         "noise_rng": run["noise_gen"].get_state(), "torch_rng": torch.get_rng_state(),
+        "train_seconds": run["train_seconds"],
     }, path)
 
 
@@ -522,7 +523,7 @@ def resume_run(path, config, data_key, device):
     run["noise_gen"].set_state(ckpt["noise_rng"].cpu() if device.type == "cpu" else ckpt["noise_rng"])
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     run.update(epoch=ckpt["epoch"], step=ckpt["step"], partial=ckpt["partial"],
-               history=ckpt["history"])
+               history=ckpt["history"], train_seconds=ckpt["train_seconds"])
     return run
 
 
@@ -588,24 +589,23 @@ def train(run, images, train_idx, test_idx, epochs, device, amp, ckpt_path, stop
     cfg = run["config"]
     tag = weight_tag(cfg["kl_weight"])
     while run["epoch"] < epochs:
-        start = time.perf_counter()
+        start, seconds_before = time.perf_counter(), run["train_seconds"]
         try:
             train_stats = train_epoch(run, images, train_idx, device, amp, ckpt_path, stop)
             test_stats = evaluate(run["model"], images, test_idx, cfg["kl_weight"], device, amp,
                                   cfg["seed"])
             test_stats.pop("kl_per_dim")
+            seconds = time.perf_counter() - start
             run.update(history=run["history"] + [{"epoch": run["epoch"] + 1, "train": train_stats,
                                                   "test": test_stats}],
-                       epoch=run["epoch"] + 1, step=0,
+                       epoch=run["epoch"] + 1, step=0, train_seconds=seconds_before + seconds,
                        partial={"objective": 0.0, "recon": 0.0, "kl": 0.0, "n": 0})
             save_checkpoint(run, ckpt_path)
         except KeyboardInterrupt:
             # Mid-epoch the checkpoint records the step reached; resuming replays the rest.
-            run["train_seconds"] += time.perf_counter() - start
+            run["train_seconds"] = seconds_before + time.perf_counter() - start
             save_checkpoint(run, ckpt_path)
             raise Interrupted(run) from None
-        seconds = time.perf_counter() - start
-        run["train_seconds"] += seconds
         print(f"λ={tag:>4} epoch {run['epoch']:>3}/{epochs}  "
               f"train obj {train_stats['objective']:8.1f} neg-ELBO {train_stats['neg_elbo']:7.1f} | "
               f"test obj {test_stats['objective']:8.1f} neg-ELBO {test_stats['neg_elbo']:7.1f} "
@@ -747,7 +747,7 @@ def plot_kl_per_dim(kl_per_dim, kl_weight, path):
                label=f"active threshold {ACTIVE_UNIT_NATS} nats")
     ax.set_yscale("log")
     ax.set_xlabel("latent dimension, sorted by KL")
-    ax.set_ylabel("mean KL over test set, nats")
+    ax.set_ylabel("mean KL over test set, nats\n(below 1e-5 drawn at 1e-5)", fontsize=9)
     ax.set_title(f"λ = {weight_tag(kl_weight)}: KL per latent dimension, "
                  f"{active}/{len(values)} active units", fontsize=10)
     ax.legend(fontsize=8)
@@ -820,7 +820,7 @@ def discussion(metrics):
         lines.append(
             f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with {t['active_units']}/{latent} "
             "active units; " + ("the posterior has collapsed onto the prior: no latent dimension "
-                                "carries information" if t["active_units"] == 0 else
+                                f"carries more than {ACTIVE_UNIT_NATS} nats" if t["active_units"] == 0 else
                                 "the posterior has largely collapsed onto the prior" if collapsed
                                 else "the posterior has not collapsed (many units stay active)")
             + f". Its test MSE is {fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for always predicting "
@@ -843,8 +843,17 @@ def discussion(metrics):
             kl0, kl1 = r0["test"]["kl"], runs[1.0]["test"]["kl"]
             line += (f"Nothing pulls its posterior towards N(0, I): KL {fmt(kl0)} nats/image vs "
                      f"{fmt(kl1)} at λ = 1, so " + ("prior draws land far from the codes the decoder "
-                     "was trained on; compare its samples figure with λ = 1's." if kl0 > 2 * kl1 else
-                     "its codes are not much further from the prior than λ = 1's."))
+                     "was trained on" if kl0 > 2 * kl1 else
+                     "its codes are not much further from the prior than λ = 1's"))
+            s0, s1 = r0["pictures"], runs[1.0]["pictures"]
+            worse = [what for what, bad in (("blurrier", s0["sample_sharpness"] < s1["sample_sharpness"]),
+                                            ("less varied", s0["sample_pixel_std"] < s1["sample_pixel_std"]))
+                     if bad]
+            line += (f". Its prior samples are {' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
+                     f" than λ = 1's (sharpness {fmt(s0['sample_sharpness'], 2)} vs "
+                     f"{fmt(s1['sample_sharpness'], 2)}; pixel std across the 64 samples "
+                     f"{fmt(s0['sample_pixel_std'], 3)} vs {fmt(s1['sample_pixel_std'], 3)}); whether they "
+                     "look like faces is for the samples figure to show.")
         lines.append(line)
     lines.append("- Sharpness (mean neighbouring-pixel difference relative to real test images): "
                  + ", ".join(f"λ = {weight_tag(w)}: reconstructions {fmt(r['pictures']['recon_sharpness'], 2)}, "

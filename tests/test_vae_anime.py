@@ -110,6 +110,15 @@ def test_same_seed_gives_identical_metrics(default_run, subset):
     assert without_timing(out / "metrics.json") == first
 
 
+def test_64px_images_work_end_to_end(subset, tmp_path):
+    result = run_script("--data-dir", subset, "--out", tmp_path, "--image-size", 64,
+                        "--kl-weight", 1, "--epochs", 1, "--batch-size", 64)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["image_size"] == 64 and metrics["data"]["image_size"] == 64
+    assert "| enc Conv2d 4×4/2 | 512×2×2 |" in (tmp_path / "REPORT.md").read_text()
+
+
 def test_resume_continues_where_it_stopped(subset, tmp_path):
     common = ("--data-dir", subset, "--kl-weight", 1, "--batch-size", 64)
     assert run_script(*common, "--out", tmp_path / "a", "--epochs", 1).returncode == 0
