@@ -865,8 +865,10 @@ def build_report(m):
     naive = {k: v for k, v in base.items() if k != "logistic regression"}
     best_naive = max(naive, key=lambda k: naive[k]["accuracy"])
     ch = m["summary"][f"{chosen}@L{L}"]["accuracy"]
-    gap = ch["mean"] - naive[best_naive]["accuracy"]
-    per_seed = [r["test"]["accuracy"] for r in m["models"] if r["model"] == chosen and r["L"] == L]
+    gap = round(ch["mean"] - naive[best_naive]["accuracy"], 3)  # accuracies are shown to 3 digits
+    seeds = range(cfg["seed"], cfg["seed"] + cfg["seeds"])
+    per_seed = [r["test"]["accuracy"] for r in m["models"]
+                if r["model"] == chosen and r["L"] == L and r["seed"] in seeds]
     beats = sum(a > naive[best_naive]["accuracy"] for a in per_seed)
     if gap > 0:
         verdict = f"beats {best_naive} ({_fmt(naive[best_naive]['accuracy'])}) by {100 * gap:.1f} points"
