@@ -272,9 +272,14 @@ def _decode_chunk(job):
     return [decode_image(path, size) for path in paths]
 
 
+def effective_workers(workers, n_files):
+    """Below ~2,000 files a process pool costs more than it saves."""
+    return workers if n_files >= 2000 else 1
+
+
 def decode_images(files, size, workers):
     """Decode every file; `workers` processes share the work when there are enough files."""
-    if workers < 2 or len(files) < 2000:
+    if effective_workers(workers, len(files)) == 1:
         return [decode_image(path, size) for path in tqdm(files, desc="decoding", leave=False,
                                                           disable=None)]
     chunks = [files[i:i + 500] for i in range(0, len(files), 500)]
@@ -319,9 +324,13 @@ def load_images(data_dir, size, cache_dir, workers=1):
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     info = {"folder": str(data_dir), "files_found": len(files), "images": len(arrays),
             "skipped": skipped, "upscaled": upscaled, "image_size": size,
-            "key": key, "decode_workers": workers}
+            "key": key, "decode_workers": effective_workers(workers, len(files))}
     seconds = time.perf_counter() - start
-    save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
+    try:
+        save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
+    except OSError as err:      # the images are in memory; only the next run pays again
+        print(f"warning: could not write the image cache {cache_path} ({err.strerror or err}); "
+              "pass a writable --cache-dir to skip decoding next time")
     return images, dict(info, cache="built", seconds=seconds)
 
 
@@ -332,7 +341,7 @@ def report_data(info):
     else:
         print(f"data: decoded {info['images']} of {info['files_found']} files in "
               f"{info['seconds']:.1f} s ({info['files_found'] / info['seconds']:.0f} files/s, "
-              f"{info['decode_workers']} workers); cache written")
+              f"{info['decode_workers']} processes); cached")
     if info["skipped"]:
         print(f"warning: skipped {len(info['skipped'])} unreadable or corrupt files: "
               f"{name_some(info['skipped'])}")
@@ -520,7 +529,7 @@ def resume_run(path, config, data_key, device):
     run = new_run(config, data_key, device)
     run["model"].load_state_dict(ckpt["model"])
     run["optimizer"].load_state_dict(ckpt["optimizer"])
-    run["noise_gen"].set_state(ckpt["noise_rng"].cpu() if device.type == "cpu" else ckpt["noise_rng"])
+    run["noise_gen"].set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     run.update(epoch=ckpt["epoch"], step=ckpt["step"], partial=ckpt["partial"],
                history=ckpt["history"], train_seconds=ckpt["train_seconds"])
@@ -1012,7 +1021,8 @@ def run_all(args):
     train_idx, test_idx = split_indices(len(images), args.test_fraction, args.seed)
     train_idx, test_idx = train_idx.to(device), test_idx.to(device)
     fixed_test = to_float(images[test_idx[:N_FIXED_TEST]])
-    mean_image = to_float(images[train_idx]).mean(0).cpu()
+    # Summed in float64 straight from uint8: no float copy of the whole training set.
+    mean_image = (images[train_idx].sum(0, dtype=torch.float64) / (255 * len(train_idx))).float().cpu()
     test_cpu = to_float(images[test_idx]).cpu()
     z = fixed_z(args.latent_dim, args.seed, device)
     print(f"device {device}; {len(train_idx)} train / {len(test_idx)} test images; "
