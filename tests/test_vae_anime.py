@@ -110,6 +110,22 @@ def test_same_seed_gives_identical_metrics(default_run, subset):
     assert without_timing(out / "metrics.json") == first
 
 
+def test_corrupt_and_small_files_are_named_in_the_log(subset, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for path in sorted(subset.glob("*.jpg"))[:40]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.jpg").write_bytes(b"garbage")
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(folder / "tiny.png")
+    result = run_script("--data-dir", folder, "--out", tmp_path / "out", "--kl-weight", 0,
+                        "--epochs", 1)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 unreadable or corrupt files: broken.jpg" in result.stdout
+    assert "upscaled (blurry): tiny.png" in result.stdout
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())["data"]
+    assert (data["files_found"], data["images"], data["skipped"]) == (42, 41, ["broken.jpg"])
+
+
 def test_64px_images_work_end_to_end(subset, tmp_path):
     result = run_script("--data-dir", subset, "--out", tmp_path, "--image-size", 64,
                         "--kl-weight", 1, "--epochs", 1, "--batch-size", 64)
