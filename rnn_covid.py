@@ -844,6 +844,10 @@ def _fmt(v, digits=3):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _n(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _results_rows(summary, baselines, L, chosen):
     rows = ["| method | accuracy | balanced acc. | ROC AUC | F1 (rise) |", "|---|---|---|---|---|"]
     for cell in MODELS:
@@ -852,7 +856,7 @@ def _results_rows(summary, baselines, L, chosen):
             continue
         cells = [f"{_fmt(e[k]['mean'])} ± {_fmt(e[k]['std'])}" for k in METRIC_NAMES]
         name = f"**{cell.upper()}** (chosen on validation)" if cell == chosen else cell.upper()
-        rows.append(f"| {name}, {e['seeds']} seeds | " + " | ".join(cells) + " |")
+        rows.append(f"| {name}, {_n(e['seeds'], 'seed')} | " + " | ".join(cells) + " |")
     for name, m in baselines.items():
         rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) for k in METRIC_NAMES) + " |")
     return rows
@@ -907,8 +911,9 @@ def build_report(m):
         + ", ".join(f"{c.upper()} {_fmt(v)}" for c, v in sel["val_accuracy"].items())
         + f" → **{chosen.upper()}**.", "",
         f"**Verdict.** The chosen {chosen.upper()} reaches a test accuracy of {_fmt(ch['mean'])} ± "
-        f"{_fmt(ch['std'])} (mean ± std over {len(per_seed)} seeds) and {verdict}; "
-        f"{beats} of {len(per_seed)} seeds score above it. The strongest naive baseline on these "
+        f"{_fmt(ch['std'])} (mean ± std over {_n(len(per_seed), 'seed')}) and {verdict}; "
+        f"{beats} of {_n(len(per_seed), 'seed')} {'scores' if beats == 1 else 'score'} above it. "
+        "The strongest naive baseline on these "
         f"test windows is {best_naive}; logistic regression on the same windows scores "
         f"{_fmt(base['logistic regression']['accuracy'])}.", "",
     ]
