@@ -44,11 +44,15 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # process shares the CPU (measured: 0.25 s vs 4 s per step on 2 loaded cores); idle ones sleep.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import matplotlib
+matplotlib.use("Agg")                # figures go to files; no display needed
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 # ======================================================================================
@@ -191,7 +195,6 @@ def save_torch_atomically(obj, path):
 
 
 def save_figure_atomically(fig, path):
-    import matplotlib.pyplot as plt
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -687,7 +690,6 @@ def summarise(x):
 
 def grid_image(images, nrow, pad=1):
     """N×3×H×W floats -> one H'×W'×3 array with a white gutter."""
-    from torchvision.utils import make_grid
     return make_grid(images.clamp(0, 1), nrow=nrow, padding=pad, pad_value=1).permute(1, 2, 0).numpy()
 
 
@@ -699,7 +701,6 @@ def show_grid(ax, images, nrow, title=None):
 
 
 def plot_learning_curve(history, kl_weight, path):
-    import matplotlib.pyplot as plt
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"),
@@ -719,7 +720,6 @@ def plot_learning_curve(history, kl_weight, path):
 
 
 def plot_reconstructions(originals, recons, kl_weight, path):
-    import matplotlib.pyplot as plt
     half = (len(originals) + 1) // 2
     rows = [originals[:half], recons[:half], originals[half:], recons[half:]]
     fig, ax = plt.subplots(figsize=(12, 3.4))
@@ -730,14 +730,12 @@ def plot_reconstructions(originals, recons, kl_weight, path):
 
 
 def plot_samples(samples, kl_weight, path):
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 6.3))
     show_grid(ax, samples, 8, f"λ = {weight_tag(kl_weight)}: 64 samples from one fixed z ~ N(0, I)")
     save_figure_atomically(fig, path)
 
 
 def plot_interpolations(pairs, kl_weight, path):
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(12, 1.1 * len(pairs) + 0.6))
     show_grid(ax, torch.cat(pairs), N_STEPS + 2,
               f"λ = {weight_tag(kl_weight)}: original, {N_STEPS} decoded steps between the "
@@ -746,7 +744,6 @@ def plot_interpolations(pairs, kl_weight, path):
 
 
 def plot_kl_per_dim(kl_per_dim, kl_weight, path):
-    import matplotlib.pyplot as plt
     values = np.sort(np.asarray(kl_per_dim))[::-1]
     active = int((values > ACTIVE_UNIT_NATS).sum())
     fig, ax = plt.subplots(figsize=(8, 3.4))
@@ -764,7 +761,6 @@ def plot_kl_per_dim(kl_per_dim, kl_weight, path):
 
 
 def plot_comparison(pictures_by_weight, fixed_test, path):
-    import matplotlib.pyplot as plt
     weights = list(pictures_by_weight)
     fig, axes = plt.subplots(3, len(weights), figsize=(4.2 * len(weights), 9.5), squeeze=False,
                              gridspec_kw={"height_ratios": [6, 4, 1.4]})
