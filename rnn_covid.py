@@ -1193,6 +1193,10 @@ def main(argv=None):
     # The log goes to stdout so that stderr holds nothing but an error's one line.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
+    # kaleido's browser driver now and then logs an undecodable pipe message, with a full
+    # traceback, although the PNG is written; a failed export is reported by the map section.
+    for noisy in ("choreographer", "kaleido"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         with logging_redirect_tqdm():
             run(args)
