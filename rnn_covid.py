@@ -6,6 +6,9 @@ load either CSV layout -> daily differences -> Pearson correlations between coun
 the set C of strongly correlated countries -> sliding windows of length L -> RNN, LSTM and
 GRU classifiers over several seeds, next to naive baselines on the same test windows ->
 a sweep over L -> P(rise tomorrow) for every country on a world map -> REPORT.md.
+Splits are by time (test: the last --test-days label days; validation: the --val-days before);
+the model is chosen on validation. Training skips windows averaging under --min-mean new cases
+a day (countries with no epidemic yet); validation and test keep every window.
 
 Run:
     python rnn_covid.py                              # default preset, all three models
