@@ -8,7 +8,7 @@ What it does
     Every λ gets the same seed, split, initial weights and epochs.
 
 How to run
-    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: ~12 min)
+    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: 8.5-12 min)
     python vae_anime.py --kl-weight 1 --epochs 3 # one λ
     python vae_anime.py --resume                 # continue interrupted runs from their checkpoints
     python vae_anime.py --device cuda --amp      # GPU, bfloat16 autocast
