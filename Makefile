@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA_MIRROR ?= ../shared/data
 export DATA_MIRROR
+# Spin-waiting OpenMP threads slow torch 10-20x whenever another process shares the cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test data bench venv clean
 
