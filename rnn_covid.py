@@ -555,7 +555,7 @@ def plot_sweep(sweep_summary, baselines, logreg_by_L, out):
     _save(fig, out / "L_sweep.png")
 
 # ======================================================================================
-# World map (BEGIN map section: owned by the map engineer)
+# World map
 # ======================================================================================
 # P(rise tomorrow) per country as a plotly choropleth: world_map.html (self-contained,
 # offline when a local topojson folder is given), world_map.png (kaleido + a Chrome or
@@ -835,10 +835,6 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
 
 
 # ======================================================================================
-# (END map section)
-# ======================================================================================
-
-# ======================================================================================
 # Report
 # ======================================================================================
 
@@ -910,7 +906,7 @@ def build_report(m):
         f"- Inputs: features `{cfg['features']}`, normalisation `{cfg['norm']}`.", "",
         f"## Results on the test windows (L = {L})", "",
         *_results_rows(m["summary"], base, L, chosen), "",
-        f"Model selection uses validation accuracy (mean over seeds): "
+        "Model selection uses validation accuracy (mean over seeds): "
         + ", ".join(f"{c.upper()} {_fmt(v)}" for c, v in sel["val_accuracy"].items())
         + f" → **{chosen.upper()}**.", "",
         f"**Verdict.** The chosen {chosen.upper()} reaches a test accuracy of {_fmt(ch['mean'])} ± "
