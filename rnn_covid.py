@@ -25,10 +25,12 @@ Bad input ends with one line on stderr and exit code 2.
 """
 import argparse
 import contextlib
+import html
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pycountry
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
@@ -364,9 +367,9 @@ def train_model(cell, dataset, args, seed, device, desc):
     curves = {f"{k}_{m}": [] for k in ("train", "val", "test") for m in ("loss", "acc")}
     best_loss, best_epoch, best_state = float("inf"), 0, None
     epochs = args.epochs[cell]
-    # Progress bars on a terminal only: piped logs (make, CI) stay one line per run.
     evals = {k: tuple(torch.as_tensor(a, device=device) for a in sets[k]) for k in ("val", "test")}
     bce = torch.nn.functional.binary_cross_entropy_with_logits
+    # Progress bars on a terminal only (disable=None): piped logs (make, CI) stay one line per run.
     for epoch in tqdm(range(1, epochs + 1), desc=desc, leave=False, mininterval=1.0, disable=None):
         model.train()
         order = torch.randperm(len(Xtr), generator=gen).to(device) if batch < len(Xtr) else None
@@ -562,14 +565,6 @@ def plot_sweep(sweep_summary, baselines, logreg_by_L, out):
 # Chromium found on the machine; skipped with one log line when none is found) and
 # world_probabilities.csv. Country names of both data files -> ISO-3 with pycountry plus
 # an explicit override table for the names it misses or gets wrong.
-import json as _json
-import logging as _logging
-import shutil as _shutil
-
-import pycountry as _pycountry
-
-_MAP_LOG = _logging.getLogger("rnn_covid")
-
 # Data rows that are not countries: excluded from the map and listed in the report.
 NON_COUNTRIES = frozenset({
     "Diamond Princess", "MS Zaandam",  # cruise ships
@@ -607,24 +602,28 @@ def country_iso3(name):
         return None
     if name in ISO3_OVERRIDES:
         return ISO3_OVERRIDES[name]
-    country = _pycountry.countries.get(name=name) or _pycountry.countries.get(common_name=name)
+    country = pycountry.countries.get(name=name) or pycountry.countries.get(common_name=name)
     if country is None:
         try:  # exact, case-insensitive match on name, official or common name, codes; never fuzzy
-            country = _pycountry.countries.lookup(name)
+            country = pycountry.countries.lookup(name)
         except LookupError:
             return None
     return country.alpha_3
+
+
+def _is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def find_browser():
     """(path, None) of a Chrome/Chromium for kaleido, or (None, reason). Honours BROWSER_PATH."""
     env = os.environ.get("BROWSER_PATH")
     if env is not None:
-        if env and os.path.isfile(env) and os.access(env, os.X_OK):
+        if env and _is_executable(env):
             return env, None
         return None, f"BROWSER_PATH={env!r} is not an executable browser"
     for exe in _BROWSER_NAMES:
-        path = _shutil.which(exe)
+        path = shutil.which(exe)
         if path:
             return path, None
     return None, "no Chrome/Chromium found on PATH (" + ", ".join(_BROWSER_NAMES) + "); set BROWSER_PATH"
@@ -663,7 +662,7 @@ def load_world_topojson(topojson_dir, resolution=MAP_RESOLUTION):
     path = Path(topojson_dir) / f"world_{resolution}m.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (run `make data`, or drop the topojson option)")
-    topo = _json.loads(path.read_text(encoding="utf-8"))
+    topo = json.loads(path.read_text(encoding="utf-8"))
     geometries = topo["objects"]["countries"]["geometries"]
     if not any(g.get("id") == "XKX" for g in geometries):
         x0, y0, x1, y1 = _KOSOVO_BBOX
@@ -715,21 +714,19 @@ def _world_map_html(fig, title, topo):
     """Self-contained HTML: plotly.js inline; with `topo`, the shapes are pre-loaded into
     plotly's topojson cache (window.PlotlyGeoAssets), so nothing is fetched: a file:// page
     could not fetch a local topojson in Chrome or Firefox anyway."""
-    import html as _html
-
     from plotly.offline import get_plotlyjs
 
     body = fig.to_html(include_plotlyjs=False, full_html=False, div_id="world-map",
                        default_width="100%", default_height="96vh",
                        config={"responsive": True, "displaylogo": False})
     if topo is not None:
-        shapes = _json.dumps({f"world_{MAP_RESOLUTION}m": topo}, separators=(",", ":"))
+        shapes = json.dumps({f"world_{MAP_RESOLUTION}m": topo}, separators=(",", ":"))
         geo = ("<script>window.PlotlyGeoAssets = {topojson: "
                + shapes.replace("</", "<\\/") + "};</script>\n")
     else:
         geo = ""  # plotly.js fetches the shapes from its CDN
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_html.escape(title)}</title>\n{geo}"
+            f"<title>{html.escape(title)}</title>\n{geo}"
             f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n"
             f"<body style=\"margin:0\">\n{body}\n</body>\n</html>\n")
 
@@ -742,13 +739,14 @@ def _world_map_png(fig, path, topo, browser):
     opts = {"format": "png", "width": 1400, "height": 760, "scale": 1}
     kopts = {"path": browser, "mathjax": False, "timeout": 60}  # no MathJax CDN fetch
     for name in ("kaleido", "choreographer", "logistro"):
-        # their INFO lines (some from finalizers, after the call) would drown the concise log
-        if _logging.getLogger(name).getEffectiveLevel() < _logging.WARNING:
-            _logging.getLogger(name).setLevel(_logging.WARNING)
+        # Their INFO lines (some from finalizers, after the call) would drown the concise log,
+        # and the driver now and then logs an undecodable pipe message with a full traceback
+        # although the PNG is written; a failed export raises and is reported below.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="rnn_covid_topojson_") as tmp:
         topojson_url = None
         if topo is not None:
-            (Path(tmp) / f"world_{MAP_RESOLUTION}m.json").write_text(_json.dumps(topo), encoding="utf-8")
+            (Path(tmp) / f"world_{MAP_RESOLUTION}m.json").write_text(json.dumps(topo), encoding="utf-8")
             topojson_url = Path(tmp).as_uri() + "/"
         png = kaleido.calc_fig_sync(fig, opts=opts, topojson=topojson_url, kopts=kopts)
     with atomic_path(path) as tmp_png:
@@ -765,8 +763,6 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
     a path, or None to skip the PNG. Returns countries_mapped, countries_total, excluded,
     unmapped, no_shape, png, png_skipped_reason.
     """
-    import pandas as _pd
-
     out_dir = Path(out_dir)
     missing = {"country", "p_rise", "last_values"} - set(world.columns)
     if missing:
@@ -774,7 +770,7 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
     table = world[["country", "p_rise", "last_values"]].copy()
     table["country"] = table["country"].astype(str)
     table["last_values"] = table["last_values"].astype(str)
-    table["p_rise"] = _pd.to_numeric(table["p_rise"], errors="raise").astype(float)
+    table["p_rise"] = pd.to_numeric(table["p_rise"], errors="raise").astype(float)
     bad = table[~table["p_rise"].between(0.0, 1.0)]  # NaN fails too
     if len(bad):
         raise ValueError(f"p_rise outside [0, 1] for {bad['country'].tolist()[:5]}")
@@ -807,7 +803,7 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
         browser, reason = find_browser()
     elif browser_path is None:
         browser, reason = None, "no browser requested (browser_path=None)"
-    elif os.path.isfile(browser_path) and os.access(browser_path, os.X_OK):
+    elif _is_executable(browser_path):
         browser = str(browser_path)
     else:
         browser, reason = None, f"browser {str(browser_path)!r} is not an executable"
@@ -818,11 +814,11 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
         except Exception as exc:  # a browser that fails to start or render must not end the run
             reason = f"{browser} failed to render it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if png is None:
-        _MAP_LOG.warning("world map: PNG skipped: %s (HTML and CSV written)", reason)
+        log.warning("world map: PNG skipped: %s (HTML and CSV written)", reason)
     else:
-        _MAP_LOG.info("world map: %d countries on the map -> %s", len(on_map), out_dir)
+        log.info("world map: %d countries on the map -> %s", len(on_map), out_dir)
     if no_shape:
-        _MAP_LOG.info("world map: no shape at 1:%dm for %s", MAP_RESOLUTION, ", ".join(no_shape))
+        log.info("world map: no shape at 1:%dm for %s", MAP_RESOLUTION, ", ".join(no_shape))
     return {
         "countries_mapped": int(len(on_map)),
         "countries_total": int(len(table)),
@@ -963,24 +959,21 @@ def build_report(m):
 # ======================================================================================
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum):
+    """argparse type: an integer >= minimum."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _date(text):
@@ -1192,10 +1185,6 @@ def main(argv=None):
     # The log goes to stdout so that stderr holds nothing but an error's one line.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
-    # kaleido's browser driver now and then logs an undecodable pipe message, with a full
-    # traceback, although the PNG is written; a failed export is reported by the map section.
-    for noisy in ("choreographer", "kaleido"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         with logging_redirect_tqdm():
             run(args)

@@ -8,7 +8,7 @@ What it does
     Every λ gets the same seed, split, initial weights and epochs.
 
 How to run
-    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: 8.5-12 min)
+    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: about 8 min)
     python vae_anime.py --kl-weight 1 --epochs 3 # one λ
     python vae_anime.py --resume                 # continue interrupted runs from their checkpoints
     python vae_anime.py --device cuda --amp      # GPU, bfloat16 autocast
@@ -176,6 +176,10 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -408,11 +412,11 @@ def loss_terms(logits, x, mu, logvar):
     # Bernoulli log-likelihood summed over all 3×H×W values of an image; KL to N(0, I) summed
     # over latent dimensions; callers average recon + λ·KL over the batch.
     recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").flatten(1).sum(1)
-    kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(1)
-    return recon, kl
+    return recon, kl_per_dimension(mu.float(), logvar.float()).sum(1)
 
 
 def kl_per_dimension(mu, logvar):
+    """KL(N(μ, σ²) ‖ N(0, 1)) of each latent dimension, in nats."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
 
 
@@ -892,9 +896,9 @@ def build_report(metrics, arch_rows, out):
     for r in metrics["runs"]:
         tag = weight_tag(r["kl_weight"])
         figures.append(f"### λ = {tag}\n")
-        for name in ("learning_curve", "reconstructions", "samples", "interpolations", "kl_per_dim"):
-            if (out / f"lambda_{tag}_{name}.png").exists():
-                figures.append(f"![λ = {tag} {name.replace('_', ' ')}](lambda_{tag}_{name}.png)\n")
+        for name, path in figure_paths(out, r["kl_weight"]).items():
+            if path.exists():
+                figures.append(f"![λ = {tag} {name.replace('_', ' ')}]({path.name})\n")
     skipped = (f"{len(data['skipped'])} unreadable files were skipped ({name_some(data['skipped'])}). "
                if data["skipped"] else "No file was unreadable. ")
     upscaled = (f"{len(data['upscaled'])} images smaller than {cfg['image_size']}px were upscaled. "
