@@ -10,6 +10,7 @@ from its upstream URL and the user is told exactly how to get the rest.
 Exit code 0 when every requested dataset is in place, 2 otherwise.
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -65,10 +66,33 @@ def read_checksums(mirror):
     return sums
 
 
+WRITTEN = []  # atomic_path records what it put in place (shared with the two scripts)
+
+
+# atomic_path is a copy of the two scripts' own (tests/test_shared_plumbing.py compares them).
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+        WRITTEN.append(path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def copy_atomically(src, dst):
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def extract_tar_atomically(tar_path, dest_dir, folder):
@@ -86,10 +110,9 @@ def extract_tar_atomically(tar_path, dest_dir, folder):
 
 
 def download(url, dst):
-    tmp = dst.with_name(dst.name + ".tmp")
-    with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+    with atomic_path(dst) as tmp, urllib.request.urlopen(url, timeout=60) as response, \
+            open(tmp, "wb") as f:
         shutil.copyfileobj(response, f)
-    os.replace(tmp, dst)
 
 
 def prepare_csv(name, mirror, dest, sums):
@@ -132,7 +155,8 @@ def prepare_anime(mirror, dest, sums):
         raise ValueError(f"{src} does not match its SHA-256 in {mirror / 'SHA256SUMS'}: "
                          "the mirror is corrupt; fetch it again")
     extract_tar_atomically(src, dest, "anime_faces")
-    stamp.write_text(sums[name] + "\n")
+    with atomic_path(stamp) as tmp:
+        tmp.write_text(sums[name] + "\n")
     count = sum(1 for _ in (dest / "anime_faces").glob("*.jpg"))
     return f"extracted anime_faces/ ({count} images) from {src}"
 

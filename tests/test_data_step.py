@@ -70,8 +70,12 @@ def test_missing_mirror_says_how_to_get_each_file(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not (MIRROR / "SHA256SUMS").exists(), reason="no data mirror beside the repo")
 def test_real_mirror_files_match_their_checksums(tmp_path):
+    if not (MIRROR / "SHA256SUMS").exists():
+        # CI must test the real data; elsewhere a checkout without the mirror may skip.
+        assert os.environ.get("CI") != "true", f"CI=true but no data mirror at {MIRROR}"
+        pytest.skip("no data mirror beside the repo")
     result = run_step("--mirror", MIRROR, "--dest", tmp_path, "--only", "covid")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "covid_19.csv").read_bytes() == (MIRROR / "covid_19.csv").read_bytes()
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
