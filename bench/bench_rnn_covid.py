@@ -47,7 +47,7 @@ def main():
         result["default"] = {"wall_s": round(wall, 1), "timing": {k: v for k, v in m["timing"].items()
                                                                   if k != "runs_s"},
                              "chosen": chosen, "test_accuracy": m["summary"][f"{chosen}@L10"]["accuracy"]}
-        full_epochs = rnn_covid.PRESETS["report"]["epochs"]
+        full_epochs = dict(rnn_covid.PRESETS["report"].epochs)
         if args.full_report:
             wall, m = timed_run(["--preset", "report"], Path(tmp) / "report")
             result["report"] = {"wall_s": round(wall, 1), "extrapolated": False, "timing": m["timing"],

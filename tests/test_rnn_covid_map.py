@@ -109,7 +109,7 @@ BLUE = ["China", "Canada", "India", "Argentina", "Korea, South", "Saudi Arabia",
 
 def synthetic_world(extra=()):
     rows = [(n, 0.9, "5, 7, 9") for n in RED] + [(n, 0.1, "9, 7, 5") for n in BLUE] + list(extra)
-    return pd.DataFrame(rows, columns=["country", "p_rise", "last_values"])
+    return pd.DataFrame(rows, columns=["country", "probability", "last_values"])
 
 
 def test_writes_html_and_csv_without_browser(tmp_path, caplog):
@@ -129,13 +129,13 @@ def test_writes_html_and_csv_without_browser(tmp_path, caplog):
     assert len(skipped) == 1 and "browser_path=None" in skipped[0].getMessage()
 
     table = pd.read_csv(out / "world_probabilities.csv", keep_default_na=False)
-    assert list(table.columns) == ["country", "iso3", "p_rise", "last_values"]
+    assert list(table.columns) == ["country", "iso3", "probability", "last_values"]
     assert len(table) == len(world)
-    assert table["p_rise"].is_monotonic_decreasing
+    assert table["probability"].is_monotonic_decreasing
     by_name = table.set_index("country")
     assert by_name.loc["US", "iso3"] == "USA" and by_name.loc["Kosovo", "iso3"] == "XKX"
     assert by_name.loc["Diamond Princess", "iso3"] == "" and by_name.loc["Atlantis", "iso3"] == ""
-    assert by_name.loc["Holy See", "p_rise"] == pytest.approx(0.6)
+    assert by_name.loc["Holy See", "probability"] == pytest.approx(0.6)
     assert by_name.loc["Korea, South", "last_values"] == "9, 7, 5"
 
     html = (out / "world_map.html").read_text(encoding="utf-8")
@@ -158,7 +158,7 @@ def test_no_browser_found_via_browser_path_env(tmp_path, monkeypatch, caplog):
 
 
 def test_bad_frames_are_refused_and_nothing_written(tmp_path):
-    with pytest.raises(ValueError, match="p_rise"):
+    with pytest.raises(ValueError, match="probability"):
         rnn_covid.write_world_map(synthetic_world([("Chile", 1.5, "1")]), tmp_path / "a", None, "t",
                                   browser_path=None)
     with pytest.raises(ValueError, match="last_values"):
