@@ -12,7 +12,7 @@ How to run
     python vae_anime.py --kl-weight 1 --epochs 3 # one λ
     python vae_anime.py --resume                 # continue interrupted runs from their checkpoints
     python vae_anime.py --device cuda --amp      # GPU, bfloat16 autocast
-    python vae_anime.py --help                   # every flag
+    python vae_anime.py --help                   # every flag, its default and what each preset sets
 
 What it writes (all into --out, default figures/vae_anime/)
     REPORT.md, metrics.json,
@@ -21,13 +21,16 @@ What it writes (all into --out, default figures/vae_anime/)
     cache/images_<size>px.pt (the decoded images; rebuilt when the files or the size change).
 Every file is written to a temporary name and renamed into place, so none is ever half-written.
 Bad input (missing data, unreadable images, NaN loss, unwritable --out, invalid flags) stops
-with one line naming the problem and its fix, exit code 2; Ctrl-C saves a checkpoint, writes
-the figures so far and exits 130.
+with one line naming the problem and its fix, exit code 2. The first Ctrl-C (or SIGTERM) stops
+between two training steps, saves a checkpoint, writes the figures so far and exits 130; a
+second one stops at once without saving.
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -36,50 +39,33 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# cuBLAS needs this before CUDA starts to honour deterministic algorithms.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # OpenMP threads that spin while waiting make a training step 10-20x slower whenever another
 # process shares the CPU (measured: 0.25 s vs 4 s per step on 2 loaded cores); idle ones sleep.
+# libgomp reads this once, when torch loads, so it must be set before the import below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import matplotlib
-matplotlib.use("Agg")                # figures go to files; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.utils import make_grid
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 # ======================================================================================
 # Config
 # ======================================================================================
 
-DEFAULT_DATA_DIR = Path("data/anime_faces")
-DEFAULT_OUT = Path("figures/vae_anime")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
-CHANNELS = (32, 64, 128, 256, 512)
-ACTIVE_UNIT_NATS = 0.01          # a latent dimension whose mean KL exceeds this is "active"
-N_FIXED_TEST = 32                # reconstructions of the same 32 test images for every λ
-N_SAMPLES = 64                   # samples decoded from one fixed z ~ N(0, I)
-N_PAIRS, N_STEPS = 4, 10         # interpolations: 4 pairs of test images, 10 steps each
-CACHE_FORMAT = 1                 # bump when the decoding below changes
 
-
-class UserError(Exception):
-    """Bad input: main() prints the one-line message and exits with code 2."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training; carries the run so far so its figures can still be written."""
-
-    def __init__(self, run):
-        super().__init__("interrupted")
-        self.run = run
+def setting(default, doc, parse=None):
+    """A Config field: its default, the one line that documents it (also its --help text)
+    and the function that parses its flag."""
+    return field(default=default, metadata={"doc": doc, "parse": parse})
 
 
 def positive_int(text):
@@ -104,123 +90,105 @@ def kl_weight(text):
 
 
 def kl_weight_list(text):
-    weights = [kl_weight(part) for part in text.split(",") if part.strip()]
+    weights = tuple(kl_weight(part) for part in text.split(",") if part.strip())
     if not weights or len(set(weights)) != len(weights):
         raise argparse.ArgumentTypeError(f"give distinct KL weights separated by commas, got {text!r}")
     return weights
 
 
-def image_size(text):
-    value = int(text)
-    if value < 32 or value % 32:
-        raise argparse.ArgumentTypeError(
-            f"must be a multiple of 32 (five stride-2 convolutions), got {text}")
-    return value
-
-
-def test_fraction(text):
+def fraction(text):
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
 
 
+def device_name(text):
+    if text not in ("auto", "cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"choose auto, cpu or cuda, got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run, built once from the command line by build_config()."""
+    data_dir: Path = setting(Path("data/anime_faces"), "folder of images, searched recursively", Path)
+    out: Path = setting(Path("figures/vae_anime"), "output folder for everything", Path)
+    cache_dir: Path = setting(None, "where the decoded-image cache lives (none: OUT/cache)", Path)
+    image_size: int = setting(32, "side of the square images; a multiple of the encoder's total "
+                                  "stride (32)", positive_int)
+    latent_dim: int = setting(128, "dimensions of the latent z", positive_int)
+    kl_weights: tuple = setting((1.0, 100.0, 0.0), "comma-separated KL weights λ, one model each",
+                                kl_weight_list)
+    epochs: int = setting(4, "passes over the training images per λ", positive_int)
+    batch_size: int = setting(64, "images per optimisation step", positive_int)
+    lr: float = setting(1e-3, "Adam learning rate", positive_float)
+    test_fraction: float = setting(0.1, "share of the images held out as the test set", fraction)
+    seed: int = setting(0, "seed of the split, the initial weights and every noise draw", int)
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda", device_name)
+    amp: bool = setting(False, "bfloat16 mixed precision (CUDA only)")
+    workers: int = setting(min(2, os.cpu_count() or 1),
+                           "processes decoding images when the cache is (re)built", positive_int)
+    resume: bool = setting(False, "continue each λ from its checkpoint in OUT/checkpoints")
+
+    @property
+    def cache_folder(self):
+        return self.cache_dir or self.out / "cache"
+
+
+PRESETS = {"default": Config()}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+ACTIVE_UNIT_NATS = 0.01          # a latent dimension whose mean KL exceeds this is "active"
+N_FIXED_TEST = 32                # reconstructions of the same 32 test images for every λ
+N_SAMPLES = 64                   # samples decoded from one fixed z ~ N(0, I)
+N_PAIRS, N_STEPS = 4, 10         # interpolations: 4 pairs of test images, 10 steps each
+CACHE_FORMAT = 1                 # bump when the decoding below changes
+NOT_IN_METRICS = ("resume", "workers")   # settings that do not change a single number
+
+
+def flag_help(f):
+    """A field's doc, its default and the value of every preset that changes it."""
+    def show(value):
+        return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+    default = getattr(PRESETS["default"], f.name)
+    changed = [f"preset {name}: {show(getattr(cfg, f.name))}" for name, cfg in PRESETS.items()
+               if getattr(cfg, f.name) != default]
+    return f"{f.metadata['doc']} (default: {show(default)}" + "".join(f"; {c}" for c in changed) + ")"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                   help="folder of images, searched recursively")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for everything")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where the decoded-image cache lives (default: OUT/cache)")
-    p.add_argument("--image-size", type=image_size, default=32, help="side of the square images")
-    p.add_argument("--latent-dim", type=positive_int, default=128)
-    p.add_argument("--kl-weights", type=kl_weight_list, default=[1.0, 100.0, 0.0],
-                   help="comma-separated KL weights λ, one model each")
+    """The command line -> a Config (every flag is a Config field, plus --preset and --kl-weight)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="default",
+                   help="named settings that the flags below override (default: default)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", default=None, help=flag_help(f))
+        else:
+            p.add_argument(flag, type=f.metadata["parse"], default=None, help=flag_help(f),
+                           metavar=f.name.upper())
     p.add_argument("--kl-weight", type=kl_weight, default=None,
                    help="train a single λ (overrides --kl-weights)")
-    p.add_argument("--epochs", type=positive_int, default=4)
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--test-fraction", type=test_fraction, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", action="store_true", help="bfloat16 mixed precision (CUDA only)")
-    p.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
-                   help="processes decoding images when the cache is (re)built")
-    p.add_argument("--resume", action="store_true",
-                   help="continue each λ from its checkpoint in OUT/checkpoints")
     args = p.parse_args(argv)
+    try:
+        return build_config(args)
+    except ValueError as err:
+        p.error(str(err))
+
+
+def build_config(args):
+    """The preset with the given flags replaced; the model checks that the image size fits it."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+             if getattr(args, f.name) is not None}
     if args.kl_weight is not None:
-        args.kl_weights = [args.kl_weight]
-    args.cache_dir = args.cache_dir or args.out / "cache"
-    return args
-
-
-def run_config(args, kl_weight):
-    """The settings that define one run; a checkpoint made with other settings is not resumed."""
-    return {"kl_weight": kl_weight, "seed": args.seed, "image_size": args.image_size,
-            "latent_dim": args.latent_dim, "batch_size": args.batch_size, "lr": args.lr,
-            "test_fraction": args.test_fraction}
-
-
-# ======================================================================================
-# Utilities: atomic writes, device
-# ======================================================================================
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+        given["kl_weights"] = (args.kl_weight,)
+    cfg = dataclasses.replace(PRESETS[args.preset], **given)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomically(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def save_torch_atomically(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def save_figure_atomically(fig, path):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def check_writable(folder):
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {folder} ({err.strerror or err}): "
-                        "pass a writable --out") from None
-
-
-def pick_device(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but CUDA is not available: use --device cpu or auto")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if args.amp and device.type != "cuda":
-        print("note: --amp only applies on CUDA; training in float32 on the CPU")
-    return device
+        VAE(cfg.latent_dim, cfg.image_size)
+    except ValueError as err:
+        raise ValueError(f"argument --image-size: {err}") from None
+    return cfg
 
 
 # ======================================================================================
@@ -301,9 +269,15 @@ def decode_images(files, size, workers):
     return results
 
 
-def name_some(names, limit=5):
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def read_cache(cache_path, key):
+    """The cached images and their info when the cache exists and its key matches, else None."""
+    if not cache_path.exists():
+        return None
+    try:
+        cached = torch.load(cache_path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None             # a damaged cache is simply rebuilt
+    return cached if cached.get("key") == key else None
 
 
 def load_images(data_dir, size, cache_dir, workers=1):
@@ -312,14 +286,9 @@ def load_images(data_dir, size, cache_dir, workers=1):
     key = file_list_key(files, data_dir, size)
     cache_path = cache_dir / f"images_{size}px.pt"
     start = time.perf_counter()
-    if cache_path.exists():
-        try:
-            cached = torch.load(cache_path, weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError):
-            cached = None       # a damaged cache is simply rebuilt
-        if cached is not None and cached.get("key") == key:
-            info = dict(cached["info"], cache="hit", seconds=time.perf_counter() - start)
-            return cached["images"], info
+    cached = read_cache(cache_path, key)
+    if cached is not None:
+        return cached["images"], dict(cached["info"], cache="hit", seconds=time.perf_counter() - start)
     decoded = decode_images(files, size, workers)
     names = [str(p.relative_to(data_dir)) for p in files]
     skipped = [n for n, (arr, _) in zip(names, decoded) if arr is None]
@@ -336,25 +305,9 @@ def load_images(data_dir, size, cache_dir, workers=1):
     try:
         save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
     except OSError as err:      # the images are in memory; only the next run pays again
-        print(f"warning: could not write the image cache {cache_path} ({err.strerror or err}); "
-              "pass a writable --cache-dir to skip decoding next time")
+        log.warning(f"warning: could not write the image cache {cache_path} "
+                    f"({err.strerror or err}); pass a writable --cache-dir to skip decoding next time")
     return images, dict(info, cache="built", seconds=seconds)
-
-
-def report_data(info):
-    if info["cache"] == "hit":
-        print(f"data: {info['images']} images of {info['image_size']}px from the cache "
-              f"({info['seconds']:.1f} s)")
-    else:
-        print(f"data: decoded {info['images']} of {info['files_found']} files in "
-              f"{info['seconds']:.1f} s ({info['files_found'] / info['seconds']:.0f} files/s, "
-              f"{info['decode_workers']} processes); cached")
-    if info["skipped"]:
-        print(f"warning: skipped {len(info['skipped'])} unreadable or corrupt files: "
-              f"{name_some(info['skipped'])}")
-    if info["upscaled"]:
-        print(f"warning: {len(info['upscaled'])} images smaller than {info['image_size']}px were "
-              f"upscaled (blurry): {name_some(info['upscaled'])}")
 
 
 def split_indices(n, fraction, seed):
@@ -371,35 +324,74 @@ def to_float(batch_uint8):
     return batch_uint8.float().div_(255)
 
 
+@dataclass(frozen=True)
+class Data:
+    """The images on the device, the split, and what every λ is judged against."""
+    images: torch.Tensor         # N×3×S×S uint8
+    train_idx: torch.Tensor
+    test_idx: torch.Tensor
+    info: dict                   # where the images came from, what was skipped, cache hit or not
+    fixed_test: torch.Tensor     # the test images every λ reconstructs and interpolates
+    mean_image: torch.Tensor     # mean training image, the "no model" anchor
+    z: torch.Tensor              # the fixed prior draws every λ decodes into samples
+    anchors: dict                # test MSE of the mean image, the Bernoulli reconstruction floor
+
+
+def prepare_data(cfg, device):
+    images, info = load_images(cfg.data_dir, cfg.image_size, cfg.cache_folder, cfg.workers)
+    log_data(info)
+    images = images.to(device)                       # once; batches are sliced on the device
+    train_idx, test_idx = (i.to(device) for i in split_indices(len(images), cfg.test_fraction,
+                                                                 cfg.seed))
+    # Summed in float64 straight from uint8: no float copy of the whole training set.
+    mean_image = (images[train_idx].sum(0, dtype=torch.float64) / (255 * len(train_idx))).float().cpu()
+    test_cpu = to_float(images[test_idx]).cpu()
+    anchors = {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
+               "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
+               / len(test_cpu)}
+    return Data(images, train_idx, test_idx, info, to_float(images[test_idx[:N_FIXED_TEST]]),
+                mean_image, fixed_z(cfg.latent_dim, cfg.seed, device), anchors)
+
+
+def fixed_z(latent_dim, seed, device):
+    return torch.randn(N_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 # ======================================================================================
-# Model
+# Model and loss
 # ======================================================================================
 
 
 class VAE(nn.Module):
-    """5 stride-2 convolutions -> (μ, log σ²) of a Gaussian latent -> mirrored decoder."""
+    """Stride-2 convolutions -> (μ, log σ²) of a Gaussian latent -> a mirrored decoder.
+    The only place that knows the layers: the report and the image-size check read them here."""
 
-    def __init__(self, latent_dim=128, image_size=32):
+    def __init__(self, latent_dim=128, image_size=32, channels=(32, 64, 128, 256, 512)):
         super().__init__()
-        side = image_size // 32                       # five halvings: 32 -> 1, 64 -> 2
-        flat = CHANNELS[-1] * side * side
-        widths = (3,) + CHANNELS
+        widths = (3, *channels)
         down = [m for c_in, c_out in zip(widths, widths[1:])
                 for m in (nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
         self.encoder = nn.Sequential(*down, nn.Flatten())
+        self.total_stride = math.prod(m.stride[0] for m in self.encoder if isinstance(m, nn.Conv2d))
+        if image_size % self.total_stride:
+            raise ValueError(f"the encoder's strides divide the image side by {self.total_stride}, "
+                             f"so it must be a multiple of {self.total_stride}, got {image_size}")
+        side = image_size // self.total_stride
+        flat = channels[-1] * side * side
         self.to_moments = nn.Linear(flat, 2 * latent_dim)           # μ and log σ²
         up = [m for c_in, c_out in zip(widths[::-1], widths[::-1][1:])
               for m in (nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
         self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2),
-                                     nn.Unflatten(1, (CHANNELS[-1], side, side)),
-                                     *up[:-1])                      # logits; sigmoid in decode()
+                                     nn.Unflatten(1, (channels[-1], side, side)),
+                                     *up[:-1])                      # logits of the Bernoulli means
+        self.output = nn.Sigmoid()                                  # logits -> pixel means in [0, 1]
 
     def encode(self, x):
         mu, logvar = self.to_moments(self.encoder(x)).chunk(2, dim=1)
         return mu, logvar
 
     def decode(self, z):
-        return torch.sigmoid(self.decoder(z))
+        return self.output(self.decoder(z))
 
     def forward(self, x, noise):
         mu, logvar = self.encode(x)
@@ -409,46 +401,29 @@ class VAE(nn.Module):
 
 def loss_terms(logits, x, mu, logvar):
     """Per-image reconstruction and KL, in nats (vectors of length batch)."""
-    # Bernoulli log-likelihood summed over all 3×H×W values of an image; KL to N(0, I) summed
-    # over latent dimensions; callers average recon + λ·KL over the batch.
+    # Reduction: both terms are summed per image (recon over the 3×H×W values, KL over the
+    # latent dimensions); the training objective is the batch mean of recon + λ·KL.
     recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").flatten(1).sum(1)
     return recon, kl_per_dimension(mu.float(), logvar.float()).sum(1)
 
 
 def kl_per_dimension(mu, logvar):
     """KL(N(μ, σ²) ‖ N(0, 1)) of each latent dimension, in nats."""
+    # Closed form: Kingma & Welling 2014, "Auto-Encoding Variational Bayes", appendix B.
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
-
-
-def architecture_table(model, image_size):
-    """(layer, output shape, parameters) rows, traced with one dummy image."""
-    rows = [("input image", (3, image_size, image_size), 0)]
-    x = torch.zeros(1, 3, image_size, image_size)
-
-    def walk(layers, x, prefix):
-        for layer in layers:
-            x = layer(x)
-            if isinstance(layer, nn.Flatten):
-                continue
-            rows.append((f"{prefix}{layer.__class__.__name__}"
-                         + (f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/2"
-                            if hasattr(layer, "kernel_size") else ""),
-                         tuple(x.shape[1:]), sum(p.numel() for p in layer.parameters())))
-        return x
-
-    with torch.no_grad():
-        h = walk(model.encoder, x, "enc ")
-        walk([model.to_moments], h, "enc (μ, log σ²) ")
-        z = torch.zeros(1, model.to_moments.out_features // 2)
-        rows.append(("z = μ + σ·ε", tuple(z.shape[1:]), 0))
-        walk(model.decoder, z, "dec ")
-        rows.append(("dec Sigmoid", (3, image_size, image_size), 0))
-    return rows
 
 
 # ======================================================================================
 # Training
 # ======================================================================================
+
+
+class StopRequested(Exception):
+    """The first Ctrl-C or SIGTERM, acted on between two training steps; carries the run."""
+
+    def __init__(self, run):
+        super().__init__("stop requested")
+        self.run = run
 
 
 def epoch_order(n, seed, epoch):
@@ -458,6 +433,159 @@ def epoch_order(n, seed, epoch):
 
 def autocast(device, amp):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def run_settings(cfg, kl_weight):
+    """The settings that define one run; a checkpoint made with other settings is not resumed."""
+    return {"kl_weight": kl_weight, "seed": cfg.seed, "image_size": cfg.image_size,
+            "latent_dim": cfg.latent_dim, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "test_fraction": cfg.test_fraction}
+
+
+def empty_sums():
+    return {"objective": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}
+
+
+def new_run(settings, data_key, device):
+    torch.manual_seed(settings["seed"])         # the same initial weights for every λ
+    model = VAE(settings["latent_dim"], settings["image_size"]).to(device)
+    return {"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=settings["lr"]),
+            "config": settings, "data_key": data_key, "epoch": 0, "step": 0,
+            "partial": empty_sums(), "history": [],
+            "noise_gen": torch.Generator(device=device).manual_seed(settings["seed"] + 1),
+            "train_seconds": 0.0}
+
+
+def save_checkpoint(run, path):
+    """nanoGPT-style: everything needed to continue, including the mid-epoch position."""
+    save_torch_atomically({
+        "model": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
+        "config": run["config"], "data_key": run["data_key"], "epoch": run["epoch"],
+        "step": run["step"], "partial": run["partial"], "history": run["history"],
+        "noise_rng": run["noise_gen"].get_state(), "torch_rng": torch.get_rng_state(),
+        "train_seconds": run["train_seconds"],
+    }, path)
+
+
+def resume_run(path, settings, data_key, device):
+    """The run in `path`, checked against the current settings and data."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {path} ({err}): delete it or drop --resume") from None
+    changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in settings.items()
+               if ckpt["config"].get(k) != v]
+    if changed:
+        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}): "
+                        "use the same flags or drop --resume")
+    if ckpt["data_key"] != data_key:
+        raise UserError(f"checkpoint {path} was trained on other images: "
+                        "use the same --data-dir or drop --resume")
+    run = new_run(settings, data_key, device)
+    run["model"].load_state_dict(ckpt["model"])
+    run["optimizer"].load_state_dict(ckpt["optimizer"])
+    run["noise_gen"].set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    run.update(epoch=ckpt["epoch"], step=ckpt["step"], partial=ckpt["partial"],
+               history=ckpt["history"], train_seconds=ckpt["train_seconds"])
+    return run
+
+
+def start_or_resume(cfg, kl_weight, data_key, device):
+    settings, path = run_settings(cfg, kl_weight), checkpoint_path(cfg.out, kl_weight)
+    if not (cfg.resume and path.exists()):
+        return new_run(settings, data_key, device)
+    run = resume_run(path, settings, data_key, device)
+    log.info(f"λ={weight_tag(kl_weight)}: resuming from epoch {run['epoch']}"
+             + (f", step {run['step']}" if run["step"] else "") + f" ({path})")
+    return run
+
+
+@contextlib.contextmanager
+def stop_between_steps():
+    """While training, the first Ctrl-C or SIGTERM only raises a flag that is checked between
+    steps, so a checkpoint never holds half a step; a second one stops at once, unsaved."""
+    flag = []
+
+    def on_signal(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def train_epoch(run, images, train_idx, device, amp, ckpt_path, stop):
+    """One epoch from run["step"] on; NaN/inf stops with the last good checkpoint untouched."""
+    model, opt, cfg = run["model"], run["optimizer"], run["config"]
+    model.train()
+    order = train_idx[epoch_order(len(train_idx), cfg["seed"], run["epoch"])]
+    batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
+    sums = run["partial"]
+    bar = tqdm(batches[run["step"]:], desc=f"λ={weight_tag(cfg['kl_weight'])} "
+               f"epoch {run['epoch'] + 1}", leave=False, disable=None)
+    for batch in bar:
+        if stop:
+            raise StopRequested(run)
+        x = to_float(images[batch.to(images.device)])
+        noise = torch.randn((len(x), cfg["latent_dim"]), generator=run["noise_gen"], device=device)
+        with autocast(device, amp):
+            logits, mu, logvar = model(x, noise)
+        recon, kl = loss_terms(logits, x, mu, logvar)
+        loss = (recon + cfg["kl_weight"] * kl).mean()
+        # One host sync per step: it catches a NaN before it reaches the weights.
+        value = loss.item()
+        if not math.isfinite(value):
+            raise UserError(f"the loss became {value} at λ={weight_tag(cfg['kl_weight'])}, epoch "
+                            f"{run['epoch'] + 1}, step {run['step'] + 1}: lower --lr; the last good "
+                            f"checkpoint is kept ({ckpt_path if ckpt_path.exists() else 'none yet'})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums["objective"] += value * len(x)
+        sums["recon"] += recon.detach().sum().item()
+        sums["kl"] += kl.detach().sum().item()
+        sums["n"] += len(x)
+        run["step"] += 1
+        if run["step"] % 20 == 0:
+            bar.set_postfix(loss=f"{value:.1f}")
+    n = sums["n"]
+    return {"objective": sums["objective"] / n, "recon": sums["recon"] / n, "kl": sums["kl"] / n,
+            "neg_elbo": (sums["recon"] + sums["kl"]) / n}
+
+
+def train(run, data, epochs, device, amp, ckpt_path, stop):
+    """Train to `epochs`, evaluating and checkpointing after each; a stop request checkpoints
+    the step reached, so resuming replays the rest of the epoch exactly."""
+    while run["epoch"] < epochs:
+        start, seconds_before = time.perf_counter(), run["train_seconds"]
+        try:
+            train_stats = train_epoch(run, data.images, data.train_idx, device, amp, ckpt_path, stop)
+        except StopRequested:
+            run["train_seconds"] = seconds_before + time.perf_counter() - start
+            save_checkpoint(run, ckpt_path)
+            raise
+        test_stats = evaluate(run["model"], data.images, data.test_idx, run["config"]["kl_weight"],
+                              device, amp, run["config"]["seed"])
+        test_stats.pop("kl_per_dim")
+        seconds = time.perf_counter() - start
+        run.update(history=run["history"] + [{"epoch": run["epoch"] + 1, "train": train_stats,
+                                              "test": test_stats}],
+                   epoch=run["epoch"] + 1, step=0, train_seconds=seconds_before + seconds,
+                   partial=empty_sums())
+        save_checkpoint(run, ckpt_path)
+        log_epoch(run, epochs, train_stats, test_stats, seconds)
+    return run
+
+
+# ======================================================================================
+# Evaluation and pictures
+# ======================================================================================
 
 
 @torch.no_grad()
@@ -488,155 +616,6 @@ def evaluate(model, images, idx, kl_weight, device, amp, seed, batch_size=512):
     out["kl_per_dim"] = (kl_dims / n).cpu().tolist()
     out["active_units"] = int(sum(v > ACTIVE_UNIT_NATS for v in out["kl_per_dim"]))
     return out
-
-
-def checkpoint_path(out, kl_weight):
-    return out / "checkpoints" / f"lambda_{weight_tag(kl_weight)}.pt"
-
-
-def weight_tag(kl_weight):
-    return f"{kl_weight:g}"
-
-
-def save_checkpoint(run, path):
-    """nanoGPT-style: everything needed to continue, including the mid-epoch position."""
-    save_torch_atomically({
-        "model": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
-        "config": run["config"], "data_key": run["data_key"], "epoch": run["epoch"],
-        "step": run["step"], "partial": run["partial"], "history": run["history"],
-        "noise_rng": run["noise_gen"].get_state(), "torch_rng": torch.get_rng_state(),
-        "train_seconds": run["train_seconds"],
-    }, path)
-
-
-def new_run(config, data_key, device):
-    torch.manual_seed(config["seed"])         # the same initial weights for every λ
-    model = VAE(config["latent_dim"], config["image_size"]).to(device)
-    return {"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=config["lr"]),
-            "config": config, "data_key": data_key, "epoch": 0, "step": 0,
-            "partial": {"objective": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}, "history": [],
-            "noise_gen": torch.Generator(device=device).manual_seed(config["seed"] + 1),
-            "train_seconds": 0.0}
-
-
-def resume_run(path, config, data_key, device):
-    """The run in `path`, checked against the current settings and data."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path} ({err}): delete it or drop --resume") from None
-    changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
-               if ckpt["config"].get(k) != v]
-    if changed:
-        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}): "
-                        "use the same flags or drop --resume")
-    if ckpt["data_key"] != data_key:
-        raise UserError(f"checkpoint {path} was trained on other images: "
-                        "use the same --data-dir or drop --resume")
-    run = new_run(config, data_key, device)
-    run["model"].load_state_dict(ckpt["model"])
-    run["optimizer"].load_state_dict(ckpt["optimizer"])
-    run["noise_gen"].set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
-    torch.set_rng_state(ckpt["torch_rng"].cpu())
-    run.update(epoch=ckpt["epoch"], step=ckpt["step"], partial=ckpt["partial"],
-               history=ckpt["history"], train_seconds=ckpt["train_seconds"])
-    return run
-
-
-@contextlib.contextmanager
-def interrupt_between_steps():
-    """Ctrl-C only raises a flag, checked between training steps, so a checkpoint never holds
-    half a step and resuming replays the run exactly; a second Ctrl-C stops at once."""
-    flag = []
-
-    def on_sigint(signum, frame):
-        if flag:
-            raise KeyboardInterrupt
-        flag.append(signum)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def train_epoch(run, images, train_idx, device, amp, ckpt_path, stop):
-    """One epoch from run["step"] on; NaN/inf stops with the last good checkpoint untouched."""
-    model, opt, cfg = run["model"], run["optimizer"], run["config"]
-    model.train()
-    order = train_idx[epoch_order(len(train_idx), cfg["seed"], run["epoch"])]
-    batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
-    sums = run["partial"]
-    bar = tqdm(batches[run["step"]:], desc=f"λ={weight_tag(cfg['kl_weight'])} "
-               f"epoch {run['epoch'] + 1}", leave=False, disable=None)
-    for batch in bar:
-        if stop:
-            raise KeyboardInterrupt
-        x = to_float(images[batch.to(images.device)])
-        noise = torch.randn((len(x), cfg["latent_dim"]), generator=run["noise_gen"], device=device)
-        with autocast(device, amp):
-            logits, mu, logvar = model(x, noise)
-        recon, kl = loss_terms(logits, x, mu, logvar)
-        loss = (recon + cfg["kl_weight"] * kl).mean()
-        # One host sync per step: it catches a NaN before it reaches the weights.
-        value = loss.item()
-        if not math.isfinite(value):
-            raise UserError(f"the loss became {value} at λ={weight_tag(cfg['kl_weight'])}, epoch "
-                            f"{run['epoch'] + 1}, step {run['step'] + 1}: lower --lr; the last good "
-                            f"checkpoint is kept ({ckpt_path if ckpt_path.exists() else 'none yet'})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sums["objective"] += value * len(x)
-        sums["recon"] += recon.detach().sum().item()
-        sums["kl"] += kl.detach().sum().item()
-        sums["n"] += len(x)
-        run["step"] += 1
-        if run["step"] % 20 == 0:
-            bar.set_postfix(loss=f"{value:.1f}")
-    n = sums["n"]
-    return {"objective": sums["objective"] / n, "recon": sums["recon"] / n, "kl": sums["kl"] / n,
-            "neg_elbo": (sums["recon"] + sums["kl"]) / n}
-
-
-def train(run, images, train_idx, test_idx, epochs, device, amp, ckpt_path, stop):
-    """Train to `epochs`, evaluating and checkpointing after each; Ctrl-C checkpoints mid-epoch."""
-    cfg = run["config"]
-    tag = weight_tag(cfg["kl_weight"])
-    while run["epoch"] < epochs:
-        start, seconds_before = time.perf_counter(), run["train_seconds"]
-        try:
-            train_stats = train_epoch(run, images, train_idx, device, amp, ckpt_path, stop)
-            test_stats = evaluate(run["model"], images, test_idx, cfg["kl_weight"], device, amp,
-                                  cfg["seed"])
-            test_stats.pop("kl_per_dim")
-            seconds = time.perf_counter() - start
-            run.update(history=run["history"] + [{"epoch": run["epoch"] + 1, "train": train_stats,
-                                                  "test": test_stats}],
-                       epoch=run["epoch"] + 1, step=0, train_seconds=seconds_before + seconds,
-                       partial={"objective": 0.0, "recon": 0.0, "kl": 0.0, "n": 0})
-            save_checkpoint(run, ckpt_path)
-        except KeyboardInterrupt:
-            # Mid-epoch the checkpoint records the step reached; resuming replays the rest.
-            run["train_seconds"] = seconds_before + time.perf_counter() - start
-            save_checkpoint(run, ckpt_path)
-            raise Interrupted(run) from None
-        print(f"λ={tag:>4} epoch {run['epoch']:>3}/{epochs}  "
-              f"train obj {train_stats['objective']:8.1f} neg-ELBO {train_stats['neg_elbo']:7.1f} | "
-              f"test obj {test_stats['objective']:8.1f} neg-ELBO {test_stats['neg_elbo']:7.1f} "
-              f"recon {test_stats['recon']:7.1f} KL {test_stats['kl']:6.1f}  ({seconds:.0f} s)",
-              flush=True)
-    return run
-
-
-# ======================================================================================
-# Evaluation: the pictures and numbers each run is judged by
-# ======================================================================================
-
-
-def fixed_z(latent_dim, seed, device):
-    return torch.randn(N_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 @torch.no_grad()
@@ -676,6 +655,99 @@ def picture_stats(pictures, fixed_test, mean_image):
             "sample_pixel_std": samples.std(0).mean().item()}
 
 
+def finish_run(run, data, device, amp, out):
+    """Evaluate a trained (or interrupted) run and write its figures; returns its metrics entry."""
+    cfg = run["config"]
+    test = evaluate(run["model"], data.images, data.test_idx, cfg["kl_weight"], device, amp, cfg["seed"])
+    with autocast(device, amp):
+        pictures = run_pictures(run["model"], data.fixed_test, data.z)
+    write_run_figures(out, cfg["kl_weight"], run["history"], pictures, data.fixed_test,
+                      test["kl_per_dim"])
+    return {"kl_weight": cfg["kl_weight"], "epochs": run["epoch"],
+            "test": {k: test[k] for k in ("objective", "neg_elbo", "recon", "kl", "mse", "active_units")},
+            "kl_per_dim": test["kl_per_dim"],
+            "pictures": picture_stats(pictures, data.fixed_test.float().cpu(), data.mean_image),
+            "history": run["history"]}, pictures
+
+
+# ======================================================================================
+# Main: the steps of a run
+# ======================================================================================
+
+
+def main(argv=None):
+    return exit_code(run_all, parse_args(argv))
+
+
+def run_all(cfg):
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    matplotlib.use("Agg")                # figures go to files, even where a display exists
+    device = choose_device(cfg.device)
+    if cfg.amp and device.type != "cuda":
+        log.info("note: --amp only applies on CUDA; training in float32 on the CPU")
+    check_writable(cfg.out)
+    seed_everything(cfg.seed)
+    data = prepare_data(cfg, device)
+    log.info(f"device {device}; {len(data.train_idx)} train / {len(data.test_idx)} test images; "
+             f"λ = {', '.join(map(weight_tag, cfg.kl_weights))}; {cfg.epochs} epochs each")
+    entries, pictures, train_s = [], {}, {}
+    for w in cfg.kl_weights:
+        try:
+            run = train_one_weight(cfg, w, data, device)
+        except StopRequested as stopped:
+            return finish_interrupted(cfg, stopped.run, data, device)
+        train_s[weight_tag(w)] = run["train_seconds"]
+        entry, pictures[w] = finish_run(run, data, device, cfg.amp, cfg.out)
+        entries.append(entry)
+    plot_comparison(pictures, data.fixed_test.float().cpu(), cfg.out / "lambda_comparison.png")
+    metrics = collect_metrics(cfg, data, entries)
+    metrics["timing"] = timing(device, data, train_s, started, load_before)
+    write_text_atomically(cfg.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    write_text_atomically(cfg.out / "REPORT.md", build_report(metrics, VAE(cfg.latent_dim, cfg.image_size),
+                                                               cfg.out))
+    log.info(f"done in {metrics['timing']['total_s'] / 60:.1f} min: {cfg.out / 'REPORT.md'}, "
+             f"{cfg.out / 'metrics.json'}")
+    return 0
+
+
+def train_one_weight(cfg, kl_weight, data, device):
+    run = start_or_resume(cfg, kl_weight, data.info["key"], device)
+    with stop_between_steps() as stop:
+        return train(run, data, cfg.epochs, device, cfg.amp, checkpoint_path(cfg.out, kl_weight), stop)
+
+
+def finish_interrupted(cfg, run, data, device):
+    """After a stop request: the checkpoint is saved; write this λ's figures so far, exit 130."""
+    finish_run(run, data, device, cfg.amp, cfg.out)
+    print(f"interrupted: checkpoint saved to {checkpoint_path(cfg.out, run['config']['kl_weight'])}, "
+          f"figures so far in {cfg.out}; continue with --resume", file=sys.stderr)
+    return 130
+
+
+def collect_metrics(cfg, data, entries):
+    lambda_0 = next((e for e in entries if e["kl_weight"] == 0), None)
+    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name not in NOT_IN_METRICS}
+    config.update(cache_dir=cfg.cache_folder, kl_weights=list(cfg.kl_weights))
+    return summarise({
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
+        "data": {k: v for k, v in data.info.items() if k not in ("cache", "seconds", "decode_workers")}
+        | {"train": len(data.train_idx), "test": len(data.test_idx)},
+        "runs": entries,
+        "anchors": {"mean_image_mse": data.anchors["mean_image_mse"],
+                    "lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None,
+                    "recon_floor": data.anchors["recon_floor"]},
+    })
+
+
+def timing(device, data, train_s, started, load_before):
+    return summarise({
+        "device": str(device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "data_s": data.info["seconds"], "cache": data.info["cache"], "train_s": train_s,
+        "total_s": time.perf_counter() - started,
+        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)})
+
+
 def summarise(x):
     """Round floats for metrics.json (deterministic, so identical runs stay identical)."""
     if isinstance(x, float):
@@ -688,13 +760,20 @@ def summarise(x):
 
 
 # ======================================================================================
-# Figures
+# Appendix A: figures
 # ======================================================================================
 
 
 def grid_image(images, nrow, pad=1):
-    """N×3×H×W floats -> one H'×W'×3 array with a white gutter."""
-    return make_grid(images.clamp(0, 1), nrow=nrow, padding=pad, pad_value=1).permute(1, 2, 0).numpy()
+    """N×3×H×W floats -> one H'×W'×3 array, `nrow` images per row, with a white gutter.
+    (torchvision's make_grid would do; importing torchvision sets an environment variable.)"""
+    n, c, h, w = images.shape
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    canvas = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for i, image in enumerate(images.clamp(0, 1)):
+        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        canvas[:, top:top + h, left:left + w] = image
+    return canvas.permute(1, 2, 0).numpy()
 
 
 def show_grid(ax, images, nrow, title=None):
@@ -800,75 +879,12 @@ def write_run_figures(out, kl_weight, history, pictures, fixed_test, kl_per_dim)
 
 
 # ======================================================================================
-# Report
+# Appendix B: the report
 # ======================================================================================
 
 
 def fmt(x, digits=1):
     return f"{x:,.{digits}f}"
-
-
-def discussion(metrics):
-    """Sentences about the KL term, each conditional on what the measured numbers show."""
-    runs = {r["kl_weight"]: r for r in metrics["runs"]}
-    latent = metrics["config"]["latent_dim"]
-    mean_mse = metrics["anchors"]["mean_image_mse"]
-    lines = []
-    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
-    lines.append(f"- The lowest test negative ELBO (λ = 1 accounting) is at λ = {weight_tag(best['kl_weight'])}: "
-                 f"{fmt(best['test']['neg_elbo'])} nats/image"
-                 + (", as expected, since only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
-                    else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
-                    if 1.0 in runs else "."))
-    for w, r in sorted(runs.items(), reverse=True):
-        if w <= 1:
-            continue
-        t, s = r["test"], r["pictures"]
-        collapsed = t["active_units"] <= max(1, latent // 10)
-        near_mean = s["sample_mse_to_mean_image"] < 0.5 * mean_mse
-        lines.append(
-            f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with {t['active_units']}/{latent} "
-            "active units; " + ("the posterior has collapsed onto the prior: no latent dimension "
-                                f"carries more than {ACTIVE_UNIT_NATS} nats" if t["active_units"] == 0 else
-                                "the posterior has largely collapsed onto the prior" if collapsed
-                                else "the posterior has not collapsed (many units stay active)")
-            + f". Its test MSE is {fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for always predicting "
-            "the mean training image" + (" — no better than the mean face" if t["mse"] >= 0.95 * mean_mse
-                                         else "") + ". "
-            + (f"Its samples sit close to the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)}, "
-               f"while real test images are {fmt(mean_mse, 4)} from it)." if near_mean else
-               f"Its samples are not just the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)} "
-               f"vs {fmt(mean_mse, 4)} for real images)."))
-    if 0.0 in runs:
-        r0 = runs[0.0]
-        others = [r for w, r in runs.items() if w != 0]
-        sharpest = all(r0["test"]["mse"] < r["test"]["mse"] for r in others)
-        line = (f"- λ = 0 (a plain autoencoder with noise): test MSE {fmt(r0['test']['mse'], 4)}, "
-                + ("the lowest of all runs, so its reconstructions are the most faithful"
-                   if sharpest else "not the lowest of all runs, so the numbers do not show it "
-                   "reconstructing best") + f" (edge sharpness {fmt(r0['pictures']['recon_sharpness'], 2)} "
-                "of the real images'). ")
-        if 1.0 in runs:
-            kl0, kl1 = r0["test"]["kl"], runs[1.0]["test"]["kl"]
-            line += (f"Nothing pulls its posterior towards N(0, I): KL {fmt(kl0)} nats/image vs "
-                     f"{fmt(kl1)} at λ = 1, so " + ("prior draws land far from the codes the decoder "
-                     "was trained on" if kl0 > 2 * kl1 else
-                     "its codes are not much further from the prior than λ = 1's"))
-            s0, s1 = r0["pictures"], runs[1.0]["pictures"]
-            worse = [what for what, bad in (("blurrier", s0["sample_sharpness"] < s1["sample_sharpness"]),
-                                            ("less varied", s0["sample_pixel_std"] < s1["sample_pixel_std"]))
-                     if bad]
-            line += (f". Its prior samples are {' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
-                     f" than λ = 1's (sharpness {fmt(s0['sample_sharpness'], 2)} vs "
-                     f"{fmt(s1['sample_sharpness'], 2)}; pixel std across the 64 samples "
-                     f"{fmt(s0['sample_pixel_std'], 3)} vs {fmt(s1['sample_pixel_std'], 3)}); whether they "
-                     "look like faces is for the samples figure to show.")
-        lines.append(line)
-    lines.append("- Sharpness (mean neighbouring-pixel difference relative to real test images): "
-                 + ", ".join(f"λ = {weight_tag(w)}: reconstructions {fmt(r['pictures']['recon_sharpness'], 2)}, "
-                             f"samples {fmt(r['pictures']['sample_sharpness'], 2)}"
-                             for w, r in runs.items()) + ". Below 1 means blurrier than the data.")
-    return "\n".join(lines)
 
 
 def markdown_table(header, rows):
@@ -877,53 +893,62 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
-def build_report(metrics, arch_rows, out):
-    cfg, data, anchors, timing = metrics["config"], metrics["data"], metrics["anchors"], metrics["timing"]
-    latent = cfg["latent_dim"]
-    arch = markdown_table(["layer", "output shape", "parameters"],
-                          [(n, "×".join(map(str, s)), f"{p:,}") for n, s, p in arch_rows])
-    results = markdown_table(
-        ["λ", "test neg-ELBO (nats)", "recon (nats)", "KL (nats)", "test MSE", "active units",
-         "train objective"],
-        [(weight_tag(r["kl_weight"]), fmt(r["test"]["neg_elbo"]), fmt(r["test"]["recon"]),
-          fmt(r["test"]["kl"], 2), fmt(r["test"]["mse"], 4), f"{r['test']['active_units']}/{latent}",
-          fmt(r["history"][-1]["train"]["objective"]) if r["history"] else "–")
-         for r in metrics["runs"]]
-        + [("anchor: mean training image", "", "", "", fmt(anchors["mean_image_mse"], 4), "", "")]
-        + ([("anchor: λ = 0 model", "", "", "", fmt(anchors["lambda_0_mse"], 4), "", "")]
-           if anchors.get("lambda_0_mse") is not None else []))
-    figures = []
-    for r in metrics["runs"]:
-        tag = weight_tag(r["kl_weight"])
-        figures.append(f"### λ = {tag}\n")
-        for name, path in figure_paths(out, r["kl_weight"]).items():
-            if path.exists():
-                figures.append(f"![λ = {tag} {name.replace('_', ' ')}]({path.name})\n")
-    skipped = (f"{len(data['skipped'])} unreadable files were skipped ({name_some(data['skipped'])}). "
-               if data["skipped"] else "No file was unreadable. ")
-    upscaled = (f"{len(data['upscaled'])} images smaller than {cfg['image_size']}px were upscaled. "
-                if data["upscaled"] else "")
-    return f"""# VAE on anime faces: the KL weight λ at {', '.join(weight_tag(r['kl_weight']) for r in metrics['runs'])}
+def layer_label(layer):
+    """A layer's name with what the report needs from it: kernel and stride, activation slope."""
+    label = type(layer).__name__
+    if hasattr(layer, "kernel_size"):
+        label += f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/{layer.stride[0]}"
+    if isinstance(layer, nn.LeakyReLU):
+        label += f" {layer.negative_slope:g}"
+    return label
 
-Generated by `vae_anime.py` from `metrics.json`; every number below is measured in this run
-({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, total {fmt(timing['total_s'] / 60)} min).
 
-## Preprocessing
+def architecture_table(model, image_size):
+    """(layer, output shape, parameters) rows, traced through the model with one dummy image."""
+    rows = [("input image", (3, image_size, image_size), 0)]
 
-{data['files_found']:,} image files in `{data['folder']}` (searched recursively); {data['images']:,} decoded.
-{skipped}{upscaled}Each image is converted to RGB (transparency over white), cropped to its central
-square, resized to {cfg['image_size']}×{cfg['image_size']} with an antialiasing bilinear filter (JPEGs are first
-decoded at a reduced DCT scale, PIL's draft mode) and scaled to [0, 1]. The decoded uint8 tensor is
-cached, keyed by the file list (paths, sizes, mtimes) and the size. Split by seed {cfg['seed']}:
-{data['train']:,} training and {data['test']:,} test images.
+    def walk(layers, x, prefix):
+        for layer in layers:
+            x = layer(x)
+            if not isinstance(layer, nn.Flatten):
+                rows.append((f"{prefix}{layer_label(layer)}", tuple(x.shape[1:]),
+                             sum(p.numel() for p in layer.parameters())))
+        return x
 
-## Model and loss
+    with torch.no_grad():
+        h = walk(model.encoder, torch.zeros(1, 3, image_size, image_size), "enc ")
+        walk([model.to_moments], h, "enc (μ, log σ²) ")
+        z = torch.zeros(1, model.to_moments.out_features // 2)
+        rows.append(("z = μ + σ·ε", tuple(z.shape[1:]), 0))
+        walk([model.output], walk(model.decoder, z, "dec "), "dec ")
+    return rows
 
-Encoder: 5 convolutions (4×4, stride 2, LeakyReLU 0.2, no pooling) then a linear layer giving μ and
-log σ² of a {latent}-dimensional Gaussian; decoder: the mirror image with transposed convolutions and a
-sigmoid output. {sum(p for _, _, p in arch_rows):,} parameters.
 
-{arch}
+def describe_layers(layers):
+    """'5 Conv2d (4×4, stride 2)' for the convolutions among `layers`, with their activation."""
+    convs = [m for m in layers if hasattr(m, "kernel_size")]
+    kinds = sorted({type(m).__name__ for m in convs})
+    kernels = sorted({"×".join(map(str, m.kernel_size)) for m in convs})
+    strides = sorted({str(m.stride[0]) for m in convs})
+    acts = sorted({layer_label(m) for m in layers if isinstance(m, (nn.LeakyReLU, nn.ReLU, nn.GELU,
+                                                                      nn.SiLU, nn.Tanh))})
+    return (f"{len(convs)} {'/'.join(kinds)} layers ({', '.join(kernels)}, stride "
+            f"{', '.join(strides)}) with {', '.join(acts) or 'no'} activations")
+
+
+def model_section(metrics, model):
+    cfg, anchors = metrics["config"], metrics["anchors"]
+    rows = architecture_table(model, cfg["image_size"])
+    table = markdown_table(["layer", "output shape", "parameters"],
+                           [(n, "×".join(map(str, s)), f"{p:,}") for n, s, p in rows])
+    return f"""## Model and loss
+
+Encoder: {describe_layers(model.encoder)}, no pooling,
+then a linear layer giving μ and log σ² of a {cfg['latent_dim']}-dimensional Gaussian.
+Decoder: a linear layer, then {describe_layers(model.decoder)},
+and a {type(model.output).__name__} output. {sum(p for _, _, p in rows):,} parameters.
+
+{table}
 
 Loss per image: reconstruction summed over the 3×{cfg['image_size']}×{cfg['image_size']} values plus
 λ·KL(q(z|x) ‖ N(0, I)) summed over the latent dimensions, averaged over the batch. The likelihood is
@@ -935,23 +960,57 @@ is the pixels' own binary entropy, not 0 — on this test set that floor is
 {fmt(anchors['recon_floor'])} nats/image, and "neg-ELBO" here is that of the Bernoulli model. Adam,
 learning rate {cfg['lr']}, batch {cfg['batch_size']}. Test numbers use one seeded posterior sample per
 image; MSE and reconstructions use the posterior mean.
+"""
 
-## Results (test set, per image)
 
-{results}
+def results_section(metrics):
+    anchors, latent = metrics["anchors"], metrics["config"]["latent_dim"]
+    rows = [(weight_tag(r["kl_weight"]), fmt(r["test"]["neg_elbo"]), fmt(r["test"]["recon"]),
+             fmt(r["test"]["kl"], 2), fmt(r["test"]["mse"], 4), f"{r['test']['active_units']}/{latent}",
+             fmt(r["history"][-1]["train"]["objective"]) if r["history"] else "–")
+            for r in metrics["runs"]]
+    rows.append(("anchor: mean training image", "", "", "", fmt(anchors["mean_image_mse"], 4), "", ""))
+    if anchors.get("lambda_0_mse") is not None:
+        rows.append(("anchor: λ = 0 model", "", "", "", fmt(anchors["lambda_0_mse"], 4), "", ""))
+    table = markdown_table(["λ", "test neg-ELBO (nats)", "recon (nats)", "KL (nats)", "test MSE",
+                            "active units", "train objective"], rows)
+    return f"""## Results (test set, per image)
+
+{table}
 
 Active units: latent dimensions whose mean KL over the test set exceeds {ACTIVE_UNIT_NATS} nats.
+"""
 
-## What the numbers say about the KL term
 
-{discussion(metrics)}
+def preprocessing_section(metrics):
+    cfg, data = metrics["config"], metrics["data"]
+    skipped = (f"{len(data['skipped'])} unreadable files were skipped ({name_some(data['skipped'])}). "
+               if data["skipped"] else "No file was unreadable. ")
+    upscaled = (f"{len(data['upscaled'])} images smaller than {cfg['image_size']}px were upscaled. "
+                if data["upscaled"] else "")
+    return f"""## Preprocessing
 
-## Figures
+{data['files_found']:,} image files in `{data['folder']}` (searched recursively); {data['images']:,} decoded.
+{skipped}{upscaled}Each image is converted to RGB (transparency over white), cropped to its central
+square, resized to {cfg['image_size']}×{cfg['image_size']} with an antialiasing bilinear filter (JPEGs are first
+decoded at a reduced DCT scale, PIL's draft mode) and scaled to [0, 1]. The decoded uint8 tensor is
+cached, keyed by the file list (paths, sizes, mtimes) and the size. Split by seed {cfg['seed']}:
+{data['train']:,} training and {data['test']:,} test images.
+"""
 
-![the three λ side by side](lambda_comparison.png)
 
-{chr(10).join(figures)}
-## Timing
+def figures_section(metrics, out):
+    lines = ["## Figures\n", "![the three λ side by side](lambda_comparison.png)\n"]
+    for r in metrics["runs"]:
+        tag = weight_tag(r["kl_weight"])
+        lines.append(f"### λ = {tag}\n")
+        lines += [f"![λ = {tag} {name.replace('_', ' ')}]({path.name})\n"
+                  for name, path in figure_paths(out, r["kl_weight"]).items() if path.exists()]
+    return "\n".join(lines)
+
+
+def timing_section(timing):
+    return f"""## Timing
 
 Data: {fmt(timing['data_s'])} s (cache {timing['cache']}). Training:
 {', '.join(f"λ = {w}: {fmt(s)} s" for w, s in timing['train_s'].items())}.
@@ -959,116 +1018,243 @@ Load average before / after: {timing['load_before']} / {timing['load_after']} on
 """
 
 
+def build_report(metrics, model, out):
+    cfg, timing = metrics["config"], metrics["timing"]
+    header = f"""# VAE on anime faces: the KL weight λ at {', '.join(weight_tag(r['kl_weight']) for r in metrics['runs'])}
+
+Generated by `vae_anime.py` from `metrics.json`; every number below is measured in this run
+({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, total {fmt(timing['total_s'] / 60)} min).
+"""
+    discussion_md = "## What the numbers say about the KL term\n\n" + discussion(metrics) + "\n"
+    return "\n".join([header, preprocessing_section(metrics), model_section(metrics, model),
+                      results_section(metrics), discussion_md, figures_section(metrics, out),
+                      timing_section(timing)])
+
+
+def discussion(metrics):
+    """Sentences about the KL term, each conditional on what the measured numbers show."""
+    runs = {r["kl_weight"]: r for r in metrics["runs"]}
+    lines = [best_elbo_line(runs)]
+    lines += [strong_kl_line(w, r, metrics) for w, r in sorted(runs.items(), reverse=True) if w > 1]
+    if 0.0 in runs:
+        lines.append(lambda_0_line(runs))
+    lines.append("- Sharpness (mean neighbouring-pixel difference relative to real test images): "
+                 + ", ".join(f"λ = {weight_tag(w)}: reconstructions {fmt(r['pictures']['recon_sharpness'], 2)}, "
+                             f"samples {fmt(r['pictures']['sample_sharpness'], 2)}"
+                             for w, r in runs.items()) + ". Below 1 means blurrier than the data.")
+    return "\n".join(lines)
+
+
+def best_elbo_line(runs):
+    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
+    verdict = (", as expected, since only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
+               else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
+               if 1.0 in runs else ".")
+    return (f"- The lowest test negative ELBO (λ = 1 accounting) is at λ = {weight_tag(best['kl_weight'])}: "
+            f"{fmt(best['test']['neg_elbo'])} nats/image" + verdict)
+
+
+def strong_kl_line(w, r, metrics):
+    """λ > 1: has the posterior collapsed, and are the samples just the mean face?"""
+    latent, mean_mse = metrics["config"]["latent_dim"], metrics["anchors"]["mean_image_mse"]
+    t, s = r["test"], r["pictures"]
+    collapsed = t["active_units"] <= max(1, latent // 10)
+    state = ("the posterior has collapsed onto the prior: no latent dimension carries more than "
+             f"{ACTIVE_UNIT_NATS} nats" if t["active_units"] == 0 else
+             "the posterior has largely collapsed onto the prior" if collapsed
+             else "the posterior has not collapsed (many units stay active)")
+    near_mean = s["sample_mse_to_mean_image"] < 0.5 * mean_mse
+    samples = (f"Its samples sit close to the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)}, "
+               f"while real test images are {fmt(mean_mse, 4)} from it)." if near_mean else
+               f"Its samples are not just the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)} "
+               f"vs {fmt(mean_mse, 4)} for real images).")
+    return (f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with {t['active_units']}/{latent} "
+            f"active units; {state}. Its test MSE is {fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for "
+            "always predicting the mean training image"
+            + (" — no better than the mean face" if t["mse"] >= 0.95 * mean_mse else "") + ". " + samples)
+
+
+def lambda_0_line(runs):
+    """λ = 0: does it reconstruct best, and what does dropping the KL term do to its samples?"""
+    r0 = runs[0.0]
+    sharpest = all(r0["test"]["mse"] < r["test"]["mse"] for w, r in runs.items() if w != 0)
+    line = (f"- λ = 0 (a plain autoencoder with noise): test MSE {fmt(r0['test']['mse'], 4)}, "
+            + ("the lowest of all runs, so its reconstructions are the most faithful" if sharpest
+               else "not the lowest of all runs, so the numbers do not show it reconstructing best")
+            + f" (edge sharpness {fmt(r0['pictures']['recon_sharpness'], 2)} of the real images'). ")
+    if 1.0 not in runs:
+        return line
+    kl0, kl1 = r0["test"]["kl"], runs[1.0]["test"]["kl"]
+    line += (f"Nothing pulls its posterior towards N(0, I): KL {fmt(kl0)} nats/image vs "
+             f"{fmt(kl1)} at λ = 1, so " + ("prior draws land far from the codes the decoder "
+                                             "was trained on" if kl0 > 2 * kl1 else
+                                             "its codes are not much further from the prior than λ = 1's"))
+    s0, s1 = r0["pictures"], runs[1.0]["pictures"]
+    worse = [what for what, bad in (("blurrier", s0["sample_sharpness"] < s1["sample_sharpness"]),
+                                    ("less varied", s0["sample_pixel_std"] < s1["sample_pixel_std"]))
+             if bad]
+    return line + (f". Its prior samples are {' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
+                   f" than λ = 1's (sharpness {fmt(s0['sample_sharpness'], 2)} vs "
+                   f"{fmt(s1['sample_sharpness'], 2)}; pixel std across the 64 samples "
+                   f"{fmt(s0['sample_pixel_std'], 3)} vs {fmt(s1['sample_pixel_std'], 3)}); whether they "
+                   "look like faces is for the samples figure to show.")
+
+
 # ======================================================================================
-# Main
+# Appendix C: this script's own plumbing (names, paths, log lines)
 # ======================================================================================
 
 
-def train_or_resume(args, kl_weight, images, data_key, train_idx, test_idx, device, stop):
-    config = run_config(args, kl_weight)
-    path = checkpoint_path(args.out, kl_weight)
-    if args.resume and path.exists():
-        run = resume_run(path, config, data_key, device)
-        print(f"λ={weight_tag(kl_weight)}: resuming from epoch {run['epoch']}"
-              + (f", step {run['step']}" if run["step"] else "") + f" ({path})")
+def weight_tag(kl_weight):
+    return f"{kl_weight:g}"
+
+
+def checkpoint_path(out, kl_weight):
+    return out / "checkpoints" / f"lambda_{weight_tag(kl_weight)}.pt"
+
+
+def name_some(names, limit=5):
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def log_data(info):
+    if info["cache"] == "hit":
+        log.info(f"data: {info['images']} images of {info['image_size']}px from the cache "
+                 f"({info['seconds']:.1f} s)")
     else:
-        run = new_run(config, data_key, device)
-    return train(run, images, train_idx, test_idx, args.epochs, device, args.amp, path, stop)
+        log.info(f"data: decoded {info['images']} of {info['files_found']} files in "
+                 f"{info['seconds']:.1f} s ({info['files_found'] / info['seconds']:.0f} files/s, "
+                 f"{info['decode_workers']} processes); cached")
+    if info["skipped"]:
+        log.warning(f"warning: skipped {len(info['skipped'])} unreadable or corrupt files: "
+                    f"{name_some(info['skipped'])}")
+    if info["upscaled"]:
+        log.warning(f"warning: {len(info['upscaled'])} images smaller than {info['image_size']}px "
+                    f"were upscaled (blurry): {name_some(info['upscaled'])}")
 
 
-def finish_run(run, images, test_idx, fixed_test, z, mean_image, device, amp, out):
-    """Evaluate a trained (or interrupted) run and write its figures; returns its metrics entry."""
-    cfg = run["config"]
-    test = evaluate(run["model"], images, test_idx, cfg["kl_weight"], device, amp, cfg["seed"])
-    with autocast(device, amp):
-        pictures = run_pictures(run["model"], fixed_test, z)
-    write_run_figures(out, cfg["kl_weight"], run["history"], pictures, fixed_test, test["kl_per_dim"])
-    return {"kl_weight": cfg["kl_weight"], "epochs": run["epoch"],
-            "test": {k: test[k] for k in ("objective", "neg_elbo", "recon", "kl", "mse", "active_units")},
-            "kl_per_dim": test["kl_per_dim"],
-            "pictures": picture_stats(pictures, fixed_test.float().cpu(), mean_image),
-            "history": run["history"]}, pictures
+def log_epoch(run, epochs, train_stats, test_stats, seconds):
+    log.info(f"λ={weight_tag(run['config']['kl_weight']):>4} epoch {run['epoch']:>3}/{epochs}  "
+             f"train obj {train_stats['objective']:8.1f} neg-ELBO {train_stats['neg_elbo']:7.1f} | "
+             f"test obj {test_stats['objective']:8.1f} neg-ELBO {test_stats['neg_elbo']:7.1f} "
+             f"recon {test_stats['recon']:7.1f} KL {test_stats['kl']:6.1f}  ({seconds:.0f} s)")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+# ======================================================================================
+# Appendix: plumbing shared by rnn_covid.py and vae_anime.py
+# Identical, byte for byte, in both scripts (tests/test_shared_plumbing.py compares them):
+# the price of two standalone files. Change it in both or in neither.
+# ======================================================================================
+log = logging.getLogger(Path(__file__).stem)
+WRITTEN = []  # every file this process has put in place, so an interrupted run can say what
+
+
+class UserError(Exception):
+    """Bad input the user can fix: reported as one line on stderr, exit code 2."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
-        return run_all(args)
+        yield Path(tmp)
+        os.replace(tmp, path)
+        WRITTEN.append(path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomically(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomically(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_torch_atomically(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_figure_atomically(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def check_writable(folder):
+    """Fail before any work when the output folder cannot be created or written."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"cannot create output folder {folder}: {blocker} is a file; "
+                        "pass another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {folder} ({err.strerror or err}): "
+                        "pass a writable --out") from None
+
+
+def choose_device(name):
+    """'auto' takes CUDA when present; 'cuda' without a GPU is a user error, not a silent CPU run."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed):
+    # ---- seeding: the same seed, machine, thread count and library versions give the
+    # same numbers on the CPU; on CUDA, deterministic kernels are asked for where they exist.
+    # cuBLAS reads this when CUDA starts, so it is set before the first CUDA call.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    # --------------------------------------------------------------------------------------
+
+
+def setup_logging():
+    # The log goes to stdout so that stderr holds nothing but an error's one line.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def exit_code(run, *args):
+    """Run the script's steps; bad input -> one line and exit 2; Ctrl-C -> exit 130,
+    naming truthfully what had already been written."""
+    setup_logging()
+    try:
+        with logging_redirect_tqdm():
+            return run(*args) or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing written", file=sys.stderr)
+        done = (f"{len(WRITTEN)} file(s) were written before it, the last {WRITTEN[-1]}"
+                if WRITTEN else "nothing was written")
+        print(f"interrupted: {done}; rerun to finish", file=sys.stderr)
         return 130
-
-
-def run_all(args):
-    t0, load_before = time.perf_counter(), os.getloadavg()[0]
-    device = pick_device(args)
-    check_writable(args.out)
-
-    # ---- seeding: every random draw below is derived from --seed ----
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    # ------------------------------------------------------------------
-
-    images, data_info = load_images(args.data_dir, args.image_size, args.cache_dir, args.workers)
-    report_data(data_info)
-    images = images.to(device)                       # once; batches are sliced on the device
-    train_idx, test_idx = split_indices(len(images), args.test_fraction, args.seed)
-    train_idx, test_idx = train_idx.to(device), test_idx.to(device)
-    fixed_test = to_float(images[test_idx[:N_FIXED_TEST]])
-    # Summed in float64 straight from uint8: no float copy of the whole training set.
-    mean_image = (images[train_idx].sum(0, dtype=torch.float64) / (255 * len(train_idx))).float().cpu()
-    test_cpu = to_float(images[test_idx]).cpu()
-    z = fixed_z(args.latent_dim, args.seed, device)
-    print(f"device {device}; {len(train_idx)} train / {len(test_idx)} test images; "
-          f"λ = {', '.join(map(weight_tag, args.kl_weights))}; {args.epochs} epochs each")
-
-    entries, pictures, train_s = [], {}, {}
-    with interrupt_between_steps() as stop:
-        for w in args.kl_weights:
-            try:
-                run = train_or_resume(args, w, images, data_info["key"], train_idx, test_idx,
-                                      device, stop)
-            except Interrupted as interrupted:
-                finish_run(interrupted.run, images, test_idx, fixed_test, z, mean_image, device,
-                           args.amp, args.out)
-                print(f"interrupted: checkpoint saved to {checkpoint_path(args.out, w)}, figures "
-                      f"so far in {args.out}; continue with --resume", file=sys.stderr)
-                return 130
-            train_s[weight_tag(w)] = run["train_seconds"]
-            entry, pictures[w] = finish_run(run, images, test_idx, fixed_test, z, mean_image,
-                                            device, args.amp, args.out)
-            entries.append(entry)
-    plot_comparison(pictures, fixed_test.float().cpu(), args.out / "lambda_comparison.png")
-
-    lambda_0 = next((e for e in entries if e["kl_weight"] == 0), None)
-    metrics = summarise({
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                   if k not in ("resume", "workers", "kl_weight")},
-        "data": {k: v for k, v in data_info.items() if k not in ("cache", "seconds", "decode_workers")}
-        | {"train": len(train_idx), "test": len(test_idx)},
-        "runs": entries,
-        "anchors": {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
-                    "lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None,
-                    "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
-                    / len(test_cpu)},
-    })
-    metrics["timing"] = summarise({
-        "device": str(device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "data_s": data_info["seconds"], "cache": data_info["cache"], "train_s": train_s,
-        "total_s": time.perf_counter() - t0,
-        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)})
-    arch_rows = architecture_table(VAE(args.latent_dim, args.image_size), args.image_size)
-    write_text_atomically(args.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-    write_text_atomically(args.out / "REPORT.md", build_report(metrics, arch_rows, args.out))
-    print(f"done in {metrics['timing']['total_s'] / 60:.1f} min: {args.out / 'REPORT.md'}, "
-          f"{args.out / 'metrics.json'}")
-    return 0
+# ======================================================================================
+# End of shared plumbing
+# ======================================================================================
 
 
 if __name__ == "__main__":
