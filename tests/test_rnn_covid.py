@@ -345,6 +345,45 @@ def test_logistic_regression_baseline_learns_a_linear_rule():
     assert all(set(m) == set(rc.METRIC_NAMES) for m in base.values())
 
 
+def test_day_bootstrap_values_match_the_plain_metrics():
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=5 * 8).astype(float)  # 5 countries x 8 days, country-major
+    pred = rng.integers(0, 2, size=len(y))
+    boot = rc.DayBootstrap(y, n_days=8, resamples=2000, seed=3)
+    stats = boot.statistics(pred == y)
+    assert stats["accuracy"][0] == pytest.approx(np.mean(pred == y))
+    assert stats["balanced_accuracy"][0] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert stats["accuracy"][1].shape == (2000,)
+    again = rc.DayBootstrap(y, n_days=8, resamples=2000, seed=3).statistics(pred == y)
+    assert np.array_equal(stats["accuracy"][1], again["accuracy"][1])  # seeded: reruns identical
+
+
+def test_day_bootstrap_resamples_whole_days():
+    # 55 countries x 20 days; every window of a day is right or wrong together (days alternate).
+    # Days are the independent units: the interval must be as wide as 20 trials allow (about
+    # ±0.22), not as narrow as 1,100 independent windows would make it (about ±0.03).
+    n_days, n_countries = 20, 55
+    correct = np.tile(np.arange(n_days) % 2, n_countries).astype(float)
+    boot = rc.DayBootstrap(np.ones(len(correct)), n_days, 4000, seed=0)
+    lo, hi = np.percentile(boot.statistics(correct)["accuracy"][1], [2.5, 97.5])
+    assert hi - lo > 0.3
+
+
+@pytest.mark.parametrize("lo, hi, word", [(0.001, 0.05, "beats"), (-0.05, -0.001, "below"),
+                                          (-0.006, 0.06, "indistinguishable"), (0.0, 0.03, "indistinguishable")])
+def test_the_claim_follows_the_interval(lo, hi, word):
+    assert rc.claim(lo, hi) == word
+
+
+def test_summary_spread_is_the_sample_std():
+    entries = [{"model": "gru", "L": 10, "test": {k: v for k in rc.METRIC_NAMES}} for v in (0.5, 0.6, 0.7)]
+    e = rc.summarise(entries)["gru@L10"]["accuracy"]
+    assert e == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1)}  # ddof=1; ddof=0 gives 0.0816
+    assert rc.summarise(entries[:1])["gru@L10"]["accuracy"]["std"] is None
+
+
 def test_classification_metrics():
     m = rc.classification_metrics([1, 0, 1, 1], [0.9, 0.2, 0.4, 0.7])
     assert m == {"accuracy": 0.75, "balanced_accuracy": 0.833333, "roc_auc": 1.0, "f1_rise": 0.8}
@@ -356,13 +395,18 @@ def test_classification_metrics():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gap, words", [
-    (0.027, "beats anti-persistence (0.602) by 2.7 points"),
-    (0.0, "only matches anti-persistence (0.602)"),
-    (-0.013, "does **not** beat anti-persistence (0.602): it is 1.3 points below"),
+@pytest.mark.parametrize("word, phrase", [
+    ("beats", "beats anti-persistence: the whole interval lies above 0"),
+    ("below", "is below anti-persistence: the whole interval lies below 0"),
+    ("indistinguishable", "cannot be told apart from anti-persistence with these data: the interval includes 0"),
 ])
-def test_each_verdict_branch(gap, words):
-    assert rc.verdict_phrase(gap, "anti-persistence", 0.6018) == words
+def test_each_verdict_branch(word, phrase):
+    assert rc.verdict_phrase(word, "anti-persistence") == phrase
+
+
+def test_gap_in_words_is_the_difference_of_the_numbers_shown():
+    # 0.629394 and 0.601818 are shown as 0.629 and 0.602: the gap shown is 2.7, not 2.8.
+    assert rc._gap_cell(0.629394, 0.601818, {"ci95": [-0.006, 0.06]}) == "+2.7 [−0.6, +6.0]"
 
 
 def test_markdown_table_helper():
@@ -429,13 +473,91 @@ def test_cuda_requested_without_cuda(tmp_path):
     assert_clean_failure(run_script("--device", "cuda", "--out", out), out, "no CUDA device")
 
 
-@pytest.mark.parametrize("args, phrase", [(["--L", "0"], "--L"), (["--model", "transformer"], "--model"),
-                                          (["--sweep-L", "3,0"], "--sweep-L")])
-def test_argparse_rejects_bad_L_and_unknown_model(tmp_path, args, phrase):
+@pytest.mark.parametrize("args, phrase", [
+    (["--L", "0"], "--L"), (["--model", "transformer"], "--model"), (["--sweep-L", "3,0"], "--sweep-L"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"),
+    (["--threshold", "1"], "--threshold"), (["--threshold", "-1.5"], "--threshold"),
+])
+def test_argparse_rejects_bad_flags(args, phrase, capsys):
+    with pytest.raises(SystemExit) as stop:
+        rc.build_config(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("rnn_covid.py: error:") and phrase in err[-1]
+
+
+def test_a_bad_flag_through_the_command_line(tmp_path):
     out = tmp_path / "out"
-    r = run_script(*args, "--out", out)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and phrase in r.stderr
+    r = run_script("--threshold", "1.2", "--out", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("rnn_covid.py: error: argument --threshold: must be "
+                                                 "inside (-1, 1): a Pearson r is never above 1, got 1.2")
     assert not out.exists()
+
+
+def test_archive_or_image_as_data(tmp_path):
+    import tarfile
+
+    from PIL import Image
+
+    csv = write_jhu_csv(tmp_path / "series.csv", [("", "Xland", [1, 2, 3])], ["1/22/20", "1/23/20", "1/24/20"])
+    with tarfile.open(tmp_path / "data.tar", "w") as tar:
+        tar.add(csv, arcname="series.csv")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "face.jpg")
+    for name in ("data.tar", "face.jpg"):
+        out = tmp_path / f"out-{name}"
+        assert_clean_failure(run_script("--data", tmp_path / name, "--out", out), out, name, "binary file")
+
+
+def test_duplicate_date_columns(tmp_path):
+    path = write_jhu_csv(tmp_path / "dup.csv", [("", "Xland", [1, 2, 2, 3])],
+                         ["1/22/20", "1/23/20", "1/23/20", "1/24/20"])
+    out = tmp_path / "out"
+    assert_clean_failure(run_script("--data", path, "--out", out), out, "2020-01-23", "more than once")
+
+
+@needs_assignment
+def test_output_path_below_a_regular_file(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me\n")
+    out = blocker / "out"
+    r = run_script("--out", out)
+    assert_clean_failure(r, out, "notes.txt", "is a file")
+    assert blocker.read_text() == "keep me\n"
+
+
+@needs_assignment
+def test_output_folder_without_write_permission(tmp_path):
+    if os.geteuid() == 0:
+        # root writes through permission bits, so the check meets a folder no one can write
+        # to instead: sysfs refuses new entries even to root.
+        out = Path("/sys/rnn_covid_test_out")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        out = locked / "out"
+    r = run_script("--out", out)
+    assert_clean_failure(r, out, "cannot write to output folder", "--out")
+
+
+@needs_assignment
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_exits_130_naming_what_was_written(tmp_path, sig):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "rnn_covid.py"), "--out", str(out), "--sweep-L", ""],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "corr_C_clustered.png").exists():  # training has started after these
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip() == f"interrupted: 2 file(s) were written before it, the last {out / 'corr_C_clustered.png'}; rerun to finish"
+    assert not (out / "metrics.json").exists()
 
 
 # --------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_writes_html_and_csv_without_browser(tmp_path, caplog):
     assert len(skipped) == 1 and "browser_path=None" in skipped[0].getMessage()
 
     table = pd.read_csv(out / "world_probabilities.csv", keep_default_na=False)
-    assert list(table.columns) == ["country", "iso3", "probability", "last_values"]
+    assert list(table.columns) == ["country", "iso3", "probability", "last_values", "in_C", "low_activity"]
     assert len(table) == len(world)
     assert table["probability"].is_monotonic_decreasing
     by_name = table.set_index("country")
@@ -210,3 +210,19 @@ def test_html_in_headless_chromium_offline_shows_red_and_blue_countries(tmp_path
     assert shot.is_file(), f"no screenshot (rc {run.returncode}): {run.stderr[-2000:]}"
     red, blue, total = colour_counts(shot.read_bytes())
     assert red > 0.01 * total and blue > 0.01 * total, (red, blue, total)
+
+
+def test_countries_outside_C_and_low_activity_are_marked(tmp_path):
+    world = synthetic_world()
+    world["in_C"] = world["country"].isin(["US", "China"])
+    world["low_activity"] = world["country"].isin(["Mongolia"])
+    rnn_covid.write_world_map(world, tmp_path, None, "marks<br><sub>trained up to 2020-03-13</sub>",
+                              caption="thick outline: in C", browser_path=None)
+    table = pd.read_csv(tmp_path / "world_probabilities.csv").set_index("country")
+    assert table.loc["US", "in_C"] and not table.loc["Russia", "in_C"]
+    assert table.loc["Mongolia", "low_activity"] and table["low_activity"].sum() == 1
+    html = (tmp_path / "world_map.html").read_text(encoding="utf-8")
+    assert "<title>marks</title>" in html and "trained up to 2020-03-13" in html
+    assert '"locations":["MNG"]' in html and "rgba(255,255,255,0.6)" in html  # the veil
+    assert '"locations":["USA","CHN"]' in html and '"width":1.2' in html  # the outline
+    assert "thick outline: in C" in html

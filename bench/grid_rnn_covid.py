@@ -1,0 +1,113 @@
+"""The validation grid behind rnn_covid.py's default settings: every choice made on validation.
+
+    python bench/grid_rnn_covid.py                  # assignment file: --min-mean, then model settings
+    python bench/grid_rnn_covid.py --jhu            # full JHU series (--threshold 0.7): L, inputs
+
+Each grid point is one real run of rnn_covid.py (no L sweep, the rest as the default preset
+unless the point says otherwise); the score of a point is the mean validation accuracy of the
+three models (mean over seeds), so one lucky architecture does not decide. Test accuracy is
+recorded beside it for the record only; nothing is chosen on it. The grid is small on purpose
+(2-core machine): first --min-mean at the default model settings, then hidden size x learning
+rate x weight decay at the best --min-mean. Writes docs/rnn_covid_grid.md (or
+docs/rnn_covid_grid_jhu.md) atomically, with the command line, the machine load and the choice.
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import rnn_covid  # noqa: E402  (after the path set-up above)
+
+JHU = ["--data", "data/time_series_covid19_confirmed_global.csv", "--threshold", "0.7"]
+
+
+def score(args, tmp):
+    """One grid point: validation (and, for the record, test) accuracy per model."""
+    out = Path(tmp) / "run"
+    cmd = [sys.executable, str(ROOT / "rnn_covid.py"), "--sweep-L", "", "--out", str(out), *args]
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, BROWSER_PATH=""))
+    m = json.loads((out / "metrics.json").read_text())
+    val = m["selection"]["val_accuracy"]
+    test = {c: m["summary"][f"{c}@L{m['config']['L']}"]["accuracy"]["mean"] for c in val}
+    return {"args": args, "val": val, "val_mean": round(sum(val.values()) / len(val), 4),
+            "test": test, "seconds": round(time.perf_counter() - start, 1),
+            "naive_val": max(v["accuracy"] for k, v in m["baselines_val"].items()
+                             if not rnn_covid.BASELINES[k].learned)}
+
+
+def best(points):
+    """Highest mean validation accuracy; ties (to 4 digits) go to the earlier, i.e. default, point."""
+    return max(points, key=lambda p: (p["val_mean"], -points.index(p)))
+
+
+def assignment_grid(tmp, log_point):
+    stage1 = [log_point(score(["--min-mean", str(v)], tmp)) for v in ("1", "0", "5", "20")]
+    min_mean = best(stage1)["args"][1]
+    stage2 = []
+    for hidden, lr, wd in itertools.product(("64", "32", "16"), ("0.01", "0.003"), ("1e-4", "1e-3")):
+        args = ["--min-mean", min_mean, "--hidden", hidden, "--lr", lr, "--weight-decay", wd]
+        same = next((p for p in stage1 if p["args"] == ["--min-mean", min_mean]), None)
+        if same is not None and (hidden, lr, wd) == ("64", "0.01", "1e-4"):
+            stage2.append({**same, "args": args})  # the default model settings: already run
+        else:
+            stage2.append(log_point(score(args, tmp)))
+    return [("--min-mean at the default model settings", stage1),
+            (f"model settings at --min-mean {min_mean}", stage2)]
+
+
+def jhu_grid(tmp, log_point):
+    points = [log_point(score([*JHU, "--L", L, "--features", f], tmp))
+              for L, f in itertools.product(("10", "14"), ("own", "context"))]
+    return [("window length and inputs, full JHU series, --threshold 0.7", points)]
+
+
+def markdown(sections, argv, load_before, load_after):
+    lines = ["# Validation grid of rnn_covid.py", "",
+             f"Written by `python bench/grid_rnn_covid.py {' '.join(argv)}`".rstrip() + " on "
+             f"{time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, load average {load_before} before, "
+             f"{load_after} after). Score: mean validation accuracy of RNN, LSTM and GRU (3 seeds "
+             "each). Test accuracy is shown for the record only; no choice uses it.", ""]
+    for title, points in sections:
+        chosen = best(points)
+        lines += [f"## {title}", "", "| flags | val. RNN / LSTM / GRU | val. mean | strongest naive (val.) "
+                  "| test RNN / LSTM / GRU (not used) | s |", "|---|---|---|---|---|---|"]
+        for p in points:
+            flags = " ".join(a for a in p["args"] if a not in JHU) or "(default)"
+            mark = " **← chosen**" if p is chosen else ""
+            lines.append(f"| `{flags}`{mark} | " + " / ".join(f"{v:.3f}" for v in p["val"].values())
+                         + f" | {p['val_mean']:.4f} | {p['naive_val']:.3f} | "
+                         + " / ".join(f"{v:.3f}" for v in p["test"].values()) + f" | {p['seconds']:.0f} |")
+        lines += [""]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jhu", action="store_true", help="grid on the full JHU series instead")
+    args = p.parse_args()
+    load_before = round(os.getloadavg()[0], 2)
+
+    def log_point(point):
+        print(f"{' '.join(point['args']):60s} val mean {point['val_mean']:.4f}  ({point['seconds']:.0f} s)",
+              flush=True)
+        return point
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sections = (jhu_grid if args.jhu else assignment_grid)(tmp, log_point)
+    text = markdown(sections, sys.argv[1:], load_before, round(os.getloadavg()[0], 2))
+    target = ROOT / "docs" / ("rnn_covid_grid_jhu.md" if args.jhu else "rnn_covid_grid.md")
+    rnn_covid.write_text_atomically(target, text + "\n")
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
