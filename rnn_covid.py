@@ -32,6 +32,7 @@ import dataclasses
 import html
 import json
 import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -114,40 +115,44 @@ class Config:
     label: str = setting("rise", "; ".join(f"{k}: {r.sentence}" for k, r in LABELS.items()))
     test_days: int = setting(20, "the last label days, held out as the test set")
     val_days: int = setting(10, "label days before the test days: the validation set, for every choice")
-    min_mean: float = setting(1.0, "train only on windows averaging at least this many new cases a day")
+    train_on: str = setting("C", "training windows from C (the countries scored) or from all countries")
+    min_mean: float = setting(20.0, "train only on windows averaging at least this many new cases a day")
     norm: str = setting("window", "own-country input: window (standardised per window), log, global")
     features: str = setting("own", "own: the country's window; context: + log level, total of C, day of week")
     models: tuple = setting(MODELS, "recurrent cell to train: one of them, or all")
     layers: int = setting(1, "recurrent layers")
     hidden: int = setting(64, "units per recurrent layer")
     lr: float = setting(0.01, "Adam learning rate")
-    weight_decay: float = setting(1e-4, "Adam weight decay")
-    epochs: tuple = setting(tuple((c, 150) for c in MODELS), "training epochs, per model")
-    early_stop: bool = setting(True, "keep the weights of the epoch of lowest validation loss (else the last)")
-    batch_size: int = setting(0, "training mini-batch size; 0: full batch")
+    weight_decay: float = setting(1e-3, "Adam weight decay")
+    steps: tuple = setting(tuple((c, 150) for c in MODELS), "optimiser steps (Adam updates) per training, "
+                           "per model; in full-batch training one step is one pass over the data")
+    early_stop: bool = setting(True, "keep the weights of the evaluation of lowest validation loss (else the last)")
+    batch_size: int = setting(0, "training windows per step; 0: all of them (full batch) up to 2,048, else 512")
     seeds: int = setting(3, "seeds per model: seed, seed+1, ...")
     seed: int = setting(1, "first seed, 0 to 2**31-1 (numpy's seed must stay below 2**32)")
     sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, comma-separated; empty: no sweep")
     sweep_seeds: int = setting(3, "seeds per sweep point (when not given: --seeds)")
-    log_every: int = setting(0, "log train/test accuracy every N epochs (0: never)")
+    log_every: int = setting(0, "log train/test accuracy every N steps (0: never)")
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda")
-    threads: int = setting(1, "torch CPU threads")
+    threads: int = setting(1, "torch CPU threads (with --jobs 1; each parallel training uses one)")
+    jobs: int = setting(len(os.sched_getaffinity(0)), "trainings run at once, in worker processes "
+                        "(default: the cores this process may use); results equal --jobs 1's")
     preset: str = setting("default", "settings to start from; any flag given overrides them")
 
-    def epochs_for(self, cell):
-        return dict(self.epochs)[cell]
+    def steps_for(self, cell):
+        return dict(self.steps)[cell]
 
 
 DEFAULT = Config()
 PRESETS = {
-    # One layer of 64 units, picked on validation accuracy from hidden {16, 32, 64} x lr {0.003,
-    # 0.01} x weight decay {1e-4, 1e-3}; 150 full-batch epochs keeping the best validation epoch.
+    # --min-mean, hidden size, learning rate and weight decay: the best mean validation accuracy
+    # of bench/grid_rnn_covid.py (docs/rnn_covid_grid.md); 150 steps, keeping the best validation step.
     "default": DEFAULT,
-    # The reference report: 2 x 510 units, lr 0.001, full batch, RNN 1000 epochs, LSTM 500 (GRU is
-    # not in the report; it gets LSTM's budget), the last epoch kept, one run per model, no sweep.
+    # The reference report: 2 x 510 units, lr 0.001, full batch, RNN 1000 steps, LSTM 500 (GRU is
+    # not in the report; it gets LSTM's budget), the last step kept, one run per model, no sweep.
     "report": dataclasses.replace(
         DEFAULT, preset="report", layers=2, hidden=510, lr=0.001, weight_decay=0.0,
-        epochs=(("rnn", 1000), ("lstm", 500), ("gru", 500)), early_stop=False, log_every=100,
+        steps=(("rnn", 1000), ("lstm", 500), ("gru", 500)), early_stop=False, log_every=100,
         seeds=1, sweep_seeds=1, sweep_L=(), threads=min(2, os.cpu_count() or 1)),
 }
 
@@ -198,16 +203,17 @@ FLAGS = {
     "start": dict(type=_date), "end": dict(type=_date), "threshold": dict(type=_threshold),
     "L": dict(type=_positive_int), "label": dict(choices=sorted(LABELS)),
     "test_days": dict(type=_positive_int), "val_days": dict(type=_positive_int),
-    "min_mean": dict(type=float), "norm": dict(choices=("window", "log", "global")),
+    "min_mean": dict(type=float), "train_on": dict(choices=("C", "all")),
+    "norm": dict(choices=("window", "log", "global")),
     "features": dict(choices=("own", "context")),
     "models": dict(flag="--model", choices=MODELS + ("all",)),
     "layers": dict(type=_positive_int), "hidden": dict(type=_positive_int),
-    "lr": dict(type=float), "weight_decay": dict(type=float), "epochs": dict(type=_positive_int),
+    "lr": dict(type=float), "weight_decay": dict(type=float), "steps": dict(type=_positive_int),
     "early_stop": dict(action=argparse.BooleanOptionalAction),
     "batch_size": dict(type=_non_negative_int), "seeds": dict(type=_positive_int),
     "seed": dict(type=_int_at_least(0, 2**31 - 1)), "sweep_L": dict(type=_int_list),
     "sweep_seeds": dict(type=_positive_int), "log_every": dict(type=_non_negative_int),
-    "device": dict(choices=("auto", "cpu", "cuda")), "threads": dict(type=_positive_int),
+    "device": dict(choices=("auto", "cpu", "cuda")), "threads": dict(type=_positive_int), "jobs": dict(type=_positive_int),
     "preset": dict(choices=sorted(PRESETS)),
 }
 
@@ -241,8 +247,8 @@ def build_config(argv=None):
     preset = PRESETS[given.pop("preset", "default")]
     if "models" in given:
         given["models"] = MODELS if given["models"] == "all" else (given["models"],)
-    if "epochs" in given:
-        given["epochs"] = tuple((c, given["epochs"]) for c in MODELS)
+    if "steps" in given:
+        given["steps"] = tuple((c, given["steps"]) for c in MODELS)
     given.setdefault("sweep_seeds", given.get("seeds", preset.sweep_seeds))
     if "topojson_dir" not in given and not preset.topojson_dir.is_dir():
         given["topojson_dir"] = None  # no local shapes: the map's HTML fetches plotly's
@@ -481,24 +487,33 @@ class Dataset:
         return np.arange(self.L, self.dC.shape[1])[self.masks[split]]
 
 
+def split_windows(rows, L, mask, context, dow, scale, cfg):
+    """Inputs (n, L, F) and labels (n,) of the windows of `rows` (countries x days) whose label
+    days are in `mask`, country-major; and each window's mean of own new cases."""
+    own = make_windows(rows, L)[:, mask]
+    X = window_features(own, context[mask], dow[mask], cfg.norm, scale, cfg.features)
+    y = make_labels(rows, L, cfg.label)[:, mask]
+    return X.reshape(-1, L, X.shape[-1]), y.ravel().astype(np.float32), own.reshape(-1, L).mean(axis=-1)
+
+
 def build_dataset(d, countries_C, L, cfg):
-    """Windows, labels and train/validation/test sets of the countries of C."""
+    """Windows, labels and train/validation/test sets: validation and test on the countries of
+    C; training on C, or with --train-on all on every country's windows of the training days."""
     dC = d.loc[countries_C].to_numpy()
     check_enough_days(dC.shape[1], L, cfg)
-    own = make_windows(dC, L)
     context = make_windows(dC.sum(axis=0), L)
     dow = make_windows(d.columns.day_of_week.to_numpy(), L)
     masks = split_masks(dC.shape[1], L, cfg.test_days, cfg.val_days)
-    scale = max(float(own[:, masks["train"]].max()), 1.0)
-    X = window_features(own, context, dow, cfg.norm, scale, cfg.features)
-    y = make_labels(dC, L, cfg.label)
-    sets = {k: (X[:, m].reshape(-1, L, X.shape[-1]), y[:, m].ravel().astype(np.float32))
-            for k, m in masks.items()}
+    train_rows = d.to_numpy() if cfg.train_on == "all" else dC
+    scale = max(float(make_windows(train_rows, L)[:, masks["train"]].max()), 1.0)
+    sets = {k: split_windows(rows, L, masks[k], context, dow, scale, cfg)
+            for k, rows in (("train", train_rows), ("val", dC), ("test", dC))}
     # Training windows of a country with (almost) no cases yet are another regime (a first
     # imported case is a "rise"); they are most of the early training period and teach the
     # models little about active epidemics. Validation and test keep every window.
-    active = own[:, masks["train"]].reshape(-1, L).mean(axis=-1) >= cfg.min_mean
-    sets["train"] = (sets["train"][0][active], sets["train"][1][active])
+    X, y, mean = sets["train"]
+    active = mean >= cfg.min_mean
+    sets = {"train": (X[active], y[active]), **{k: sets[k][:2] for k in ("val", "test")}}
     if len(np.unique(sets["train"][1])) < 2:
         raise UserError(f"the {int(active.sum())} training windows (L={L}, mean >= --min-mean "
                         f"{cfg.min_mean}) do not hold both classes; lower --min-mean or --test-days")
@@ -553,39 +568,62 @@ def predict_proba(model, X, device, batch=65536):
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-class BestEpoch:
-    """Early stopping's memory: the weights of the epoch of lowest validation loss so far."""
+class BestStep:
+    """Early stopping's memory: the weights of the evaluation of lowest validation loss so far."""
 
     def __init__(self):
-        self.loss, self.epoch, self.state = float("inf"), 0, None
+        self.loss, self.step, self.state = float("inf"), 0, None
 
-    def update(self, loss, epoch, model):
+    def update(self, loss, step, model):
         if loss < self.loss:
-            self.loss, self.epoch = loss, epoch
+            self.loss, self.step = loss, step
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def restore(self, model):
-        """Load the remembered weights into `model`; the epoch they come from (None when no
-        epoch had a finite validation loss, and the weights stay those of the last epoch)."""
+        """Load the remembered weights into `model`; the step they come from (None when no
+        evaluation had a finite validation loss, and the weights stay those of the last step)."""
         if self.state is None:
             return None
         model.load_state_dict(self.state)
-        return self.epoch
+        return self.step
 
 
-def train_epoch(model, opt, Xtr, ytr, batch, gen):
-    """One pass over the training windows; training loss and accuracy from the forward passes
-    already made (before each step), so the curve costs no extra pass."""
+AUTO_FULL_BATCH_MAX = 2048  # training windows up to which the automatic batch is all of them
+AUTO_BATCH = 512  # the automatic mini-batch above that
+EVAL_EVERY_MAX = 10  # mini-batch training is evaluated at least this often, in steps
+
+
+def batch_size_for(n, cfg):
+    """Windows per optimiser step: --batch-size, or automatically all n (full batch) up to 2,048,
+    else 512, so that a large series costs no more per step than a small one."""
+    if cfg.batch_size:
+        return min(cfg.batch_size, n)
+    return n if n <= AUTO_FULL_BATCH_MAX else AUTO_BATCH
+
+
+def batch_stream(n, batch, gen, device):
+    """Endless training-window indices, one mini-batch a step, a fresh shuffle each pass; the
+    whole set every step when batch == n."""
+    while True:
+        if batch >= n:
+            yield slice(None)
+            continue
+        order = torch.randperm(n, generator=gen).to(device)
+        yield from (order[i:i + batch] for i in range(0, n, batch))
+
+
+def train_steps(model, opt, Xtr, ytr, stream, k):
+    """k optimiser steps; training loss and accuracy from the forward passes already made
+    (before each step) over the windows those steps saw, so the curve costs no extra pass."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     model.train()
-    order = torch.randperm(len(Xtr), generator=gen).to(Xtr.device) if batch < len(Xtr) else None
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(Xtr), batch):
-        idx = order[i:i + batch] if order is not None else slice(None)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _, idx in zip(range(k), stream):
         logits = model(Xtr[idx])
         loss = bce(logits, ytr[idx])
         loss_sum += loss.item() * len(logits)
         correct += int(((logits > 0) == (ytr[idx] > 0.5)).sum())
+        seen += len(logits)
         opt.zero_grad()
         loss.backward()
         # Recurrent nets multiply gradients through time; one large step (vanilla RNN with
@@ -593,7 +631,14 @@ def train_epoch(model, opt, Xtr, ytr, batch, gen):
         # update bounded without changing its direction.
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
-    return loss_sum / len(Xtr), correct / len(Xtr)
+    return loss_sum / seen, correct / seen
+
+
+def evaluation_steps(n, batch, steps):
+    """The steps after which the curves are recorded and early stopping looks: every step in
+    full-batch training, else after each pass over the data or every 10 steps if sooner."""
+    every = min(-(-n // batch), EVAL_EVERY_MAX)
+    return [*range(every, steps, every), steps]
 
 
 @torch.no_grad()
@@ -604,34 +649,38 @@ def loss_and_accuracy(model, X, y):
     return float(bce(logits, y)), float(((logits > 0) == (y > 0.5)).float().mean())
 
 
-def train_model(cell, ds, cfg, seed, device, desc):
-    """Adam on binary cross-entropy, full batch unless --batch-size is set. Curves of loss and
-    accuracy on train, validation and test every epoch (test is only recorded, never used
-    for a decision). With early stopping the weights of the epoch of lowest validation loss
-    are kept; otherwise (the report preset) the last epoch's, as the reference report did."""
+def train_model(cell, ds, cfg, seed, device, progress=False):
+    """Adam on binary cross-entropy for a budget of optimiser steps (`batch_size_for` windows
+    each). Curves of loss and accuracy on train, validation and test at every evaluation step
+    (test is only recorded, never used for a decision). With early stopping the weights of
+    the evaluation of lowest validation loss are kept; otherwise (the report preset) the last
+    step's, as the reference report did."""
     seed_everything(seed)
     Xtr, ytr = (torch.as_tensor(a, device=device) for a in ds.sets["train"])
     model = RiseClassifier(cell, Xtr.shape[-1], cfg.hidden, cfg.layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    batch = batch_size_for(len(Xtr), cfg)
+    stream = batch_stream(len(Xtr), batch, torch.Generator().manual_seed(seed), device)
     evals = {k: tuple(torch.as_tensor(a, device=device) for a in ds.sets[k]) for k in ("val", "test")}
-    curves = {f"{k}_{m}": [] for k in ("train", "val", "test") for m in ("loss", "acc")}
-    best, epochs = BestEpoch(), cfg.epochs_for(cell)
-    # Progress bars on a terminal only (disable=None): piped logs (make, CI) stay one line per run.
-    for epoch in tqdm(range(1, epochs + 1), desc=desc, leave=False, mininterval=1.0, disable=None):
-        for key, value in zip(("train_loss", "train_acc"),
-                              train_epoch(model, opt, Xtr, ytr, cfg.batch_size or len(Xtr), gen)):
-            curves[key].append(value)
+    curves = {"step": [], **{f"{k}_{m}": [] for k in ("train", "val", "test") for m in ("loss", "acc")}}
+    best, done, desc = BestStep(), 0, f"{cell} L={ds.L} seed={seed}"
+    # Progress bars on a terminal only (disable=None): piped logs (make, CI) stay one line per
+    # run; none in parallel workers, whose bars would draw over each other.
+    for step in tqdm(evaluation_steps(len(Xtr), batch, cfg.steps_for(cell)), desc=desc, leave=False,
+                     mininterval=1.0, disable=None if progress else True):
+        values = train_steps(model, opt, Xtr, ytr, stream, step - done)
         for k, (X, y) in evals.items():
-            loss, acc = loss_and_accuracy(model, X, y)
-            curves[f"{k}_loss"].append(loss)
-            curves[f"{k}_acc"].append(acc)
+            values += loss_and_accuracy(model, X, y)
+        for key, value in zip(("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"), values):
+            curves[key].append(value)
+        curves["step"].append(step)
         if cfg.early_stop:
-            best.update(curves["val_loss"][-1], epoch, model)
-        if cfg.log_every and epoch % cfg.log_every == 0:
-            log.info("%s epoch %4d  train acc %.3f  test acc %.3f", desc, epoch,
+            best.update(curves["val_loss"][-1], step, model)
+        if cfg.log_every and step // cfg.log_every > done // cfg.log_every:
+            log.info("%s step %5d  train acc %.3f  test acc %.3f", desc, step,
                      curves["train_acc"][-1], curves["test_acc"][-1])
-    kept = (best.restore(model) if cfg.early_stop else None) or epochs
+        done = step
+    kept = (best.restore(model) if cfg.early_stop else None) or done
     return model, curves, kept
 
 
@@ -651,14 +700,15 @@ def sweep_seeds(cfg):
     return [cfg.seed + i for i in range(cfg.sweep_seeds)]
 
 
-def train_run(ds, cfg, cell, seed, device):
+def train_run(ds, cfg, cell, seed, device, progress):
     """One training: its metrics entry, learning curves, weights and validation/test scores."""
     start = time.perf_counter()
-    model, curves, kept = train_model(cell, ds, cfg, seed, device, f"{cell} L={ds.L} seed={seed}")
+    model, curves, kept = train_model(cell, ds, cfg, seed, device, progress)
     scores = {s: predict_proba(model, ds.sets[s][0], device) for s in ("val", "test")}
-    entry = {"model": cell, "L": ds.L, "seed": seed, "kept_epoch": kept,
+    entry = {"model": cell, "L": ds.L, "seed": seed, "kept_step": kept,
+             "batch": batch_size_for(len(ds.sets["train"][1]), cfg),
              **{s: classification_metrics(ds.sets[s][1], p) for s, p in scores.items()}}
-    log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (epoch %d)", cell, ds.L, seed,
+    log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (step %d)", cell, ds.L, seed,
              entry["val"]["accuracy"], entry["test"]["accuracy"], kept)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"entry": entry, "curves": curves, "state": state, "scores": scores,
@@ -666,8 +716,35 @@ def train_run(ds, cfg, cell, seed, device):
 
 
 def train_all(datasets, cfg, device):
-    """Every planned training, keyed by (model, L, seed)."""
-    return {(c, L, s): train_run(datasets[L], cfg, c, s, device) for c, L, s in planned_runs(cfg)}
+    """Every planned training, keyed by (model, L, seed): one after another, or --jobs at once
+    in worker processes. Each training seeds itself, so the order does not change a number."""
+    jobs = planned_runs(cfg)
+    workers = min(cfg.jobs, len(jobs)) if device.type == "cpu" else 1
+    if workers == 1:
+        return {(c, L, s): train_run(datasets[L], cfg, c, s, device, progress=True) for c, L, s in jobs}
+    # Longest first, so that no worker is left with a long training at the end.
+    order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _start_worker, (datasets, cfg, device)) as pool:
+        results = dict(zip(order, pool.map(_worker_train, order, chunksize=1)))
+    return {job: results[job] for job in jobs}
+
+
+_WORKER = {}  # a worker process's datasets, config and device
+
+
+def _start_worker(datasets, cfg, device):
+    # The parent turns Ctrl-C and SIGTERM into its own exit and ends the pool; a worker that
+    # reacted too would only add tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)
+    _WORKER.update(datasets=datasets, cfg=cfg, device=device)
+
+
+def _worker_train(job):
+    cell, L, seed = job
+    return train_run(_WORKER["datasets"][L], _WORKER["cfg"], cell, seed, _WORKER["device"], progress=False)
 
 
 def load_model(result, ds, cfg, device):
@@ -1041,14 +1118,13 @@ def plot_correlations(corr_first10, corr_C, out):
     save_figure_atomically(grid.fig, out / "corr_C_clustered.png")
 
 
-def plot_learning_curves(cell, curves, kept_epoch, seed, out):
+def plot_learning_curves(cell, curves, kept_step, seed, out):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = np.arange(1, len(curves["train_loss"]) + 1)
     for ax, metric in zip(axes, ("loss", "acc")):
         for split in ("train", "val", "test"):
-            ax.plot(epochs, curves[f"{split}_{metric}"], label=split)
-        ax.axvline(kept_epoch, color="grey", ls=":", label=f"kept epoch {kept_epoch}")
-        ax.set_xlabel("epoch")
+            ax.plot(curves["step"], curves[f"{split}_{metric}"], label=split)
+        ax.axvline(kept_step, color="grey", ls=":", label=f"kept step {kept_step}")
+        ax.set_xlabel("optimiser step")
         ax.set_ylabel("binary cross-entropy" if metric == "loss" else "accuracy")
         ax.legend()
     fig.suptitle(f"{cell.upper()} learning curves (seed {seed})")
@@ -1059,7 +1135,7 @@ def plot_all_learning_curves(trained, cfg):
     """Each model's curves at the main L for the first seed."""
     for cell in cfg.models:
         r = trained[(cell, cfg.L, cfg.seed)]
-        plot_learning_curves(cell, r["curves"], r["entry"]["kept_epoch"], cfg.seed, cfg.out)
+        plot_learning_curves(cell, r["curves"], r["entry"]["kept_step"], cfg.seed, cfg.out)
 
 
 def plot_sweep(sweep_summary, baselines_by_L, out):

@@ -1,14 +1,15 @@
-"""Wall time of rnn_covid.py: the default run (`make run`) and the `--preset report` run.
+"""Wall time of rnn_covid.py: trainings in parallel, the report preset, cost against data size.
 
-    python bench/bench_rnn_covid.py                 # default run + report preset, extrapolated
-    python bench/bench_rnn_covid.py --full-report   # default run + the whole report preset
+    python bench/bench_rnn_covid.py              # default run with --jobs 1 and with the default --jobs
+    python bench/bench_rnn_covid.py --report     # + the report preset, extrapolated from a few steps
+    python bench/bench_rnn_covid.py --scaling    # + the default run on the JHU first year and full series
 
-Both are timed in this one invocation, so their ratio is measured under the same machine
-load (printed, with the 1-minute load average before and after). The report preset takes
-most of an hour on a 2-core CPU; by default it runs `--report-epochs` epochs per model and
-extrapolates linearly to the preset's 1000/500/500 epochs (per-epoch cost is constant in
-full-batch training), which the output says plainly. Results: printed, and written to
---out as JSON.
+Every run is the real script in a subprocess, all in this one invocation, so their ratios are
+measured under the same machine load (the 1-minute load average is printed before and after
+each: on a shared machine, read the times with it). The report preset takes most of an hour on
+a 2-core CPU; --report runs `--report-steps` steps per model and extrapolates linearly to the
+preset's 1000/500/500 (a full-batch step costs the same throughout), which the output says.
+Results: printed, and written as JSON to --out.
 """
 import argparse
 import json
@@ -24,62 +25,73 @@ sys.path.insert(0, str(ROOT))
 
 import rnn_covid  # noqa: E402  (after the path set-up above)
 
+JHU = ["--data", "data/time_series_covid19_confirmed_global.csv", "--threshold", "0.7"]
+SCALING = {"assignment file": [], "JHU first year": [*JHU, "--start", "2020-03-01", "--end", "2021-02-28"],
+           "JHU full series": JHU}
+
 
 def timed_run(args, out):
+    """Wall time, load before and after, and metrics.json of one run of the script."""
     cmd = [sys.executable, str(ROOT / "rnn_covid.py"), "--out", str(out), *args]
+    load = os.getloadavg()[0]
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, BROWSER_PATH=""))
     wall = time.perf_counter() - start
-    return wall, json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    v = m["verdict"]
+    return {"args": args, "wall_s": round(wall, 1), "load_before": round(load, 2),
+            "load_after": round(os.getloadavg()[0], 2), "jobs": m["config"]["jobs"],
+            "train_windows": m["data"]["splits"]["train"]["windows"], "chosen": v["model"],
+            "test_accuracy": m["summary"][f"{v['model']}@L{m['config']['L']}"]["accuracy"],
+            "verdict": {k: v[k] for k in ("baseline", "gap", "ci95", "claim")},
+            "runs_s": m["timing"]["runs_s"]}
+
+
+def show(name, r):
+    print(f"{name}: {r['wall_s']:.0f} s (--jobs {r['jobs']}, {r['train_windows']} training windows, "
+          f"load {r['load_before']} -> {r['load_after']}); {r['chosen'].upper()} test accuracy "
+          f"{r['test_accuracy']['mean']:.3f}, gap to {r['verdict']['baseline']} {r['verdict']['gap']:+.3f} "
+          f"[{r['verdict']['ci95'][0]:+.3f}, {r['verdict']['ci95'][1]:+.3f}] ({r['verdict']['claim']})", flush=True)
+
+
+def report_estimate(tmp, steps):
+    """The report preset run for `steps` steps per model, extrapolated to its full budget."""
+    r = timed_run(["--preset", "report", "--steps", str(steps)], Path(tmp) / "report")
+    per_step = {k.split("@")[0]: v / steps for k, v in r["runs_s"].items()}
+    full = dict(rnn_covid.PRESETS["report"].steps)
+    overhead = r["wall_s"] - sum(r["runs_s"].values())
+    estimate = overhead + sum(per_step[c] * full[c] for c in per_step)
+    print(f"report preset: about {estimate:.0f} s, extrapolated from {steps} steps per model "
+          f"(per step: {', '.join(f'{c} {v:.2f} s' for c, v in per_step.items())})", flush=True)
+    return {"steps_run": steps, "wall_s_measured": r["wall_s"], "wall_s_estimate": round(estimate, 1),
+            "per_step_s": {c: round(v, 3) for c, v in per_step.items()}}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--full-report", action="store_true", help="run the whole report preset")
-    p.add_argument("--report-epochs", type=int, default=20, help="epochs per model when extrapolating")
+    p.add_argument("--report", action="store_true", help="also estimate the report preset's time")
+    p.add_argument("--report-steps", type=int, default=20, help="steps per model when extrapolating")
+    p.add_argument("--scaling", action="store_true", help="also time the default run on the JHU series")
     p.add_argument("--out", type=Path, default=ROOT / "figures" / "bench" / "rnn_covid.json")
     args = p.parse_args()
-
-    result = {"cpus": os.cpu_count(), "load_avg_1min_before": round(os.getloadavg()[0], 2)}
+    result = {"cpus": os.cpu_count(), "default_jobs": rnn_covid.DEFAULT.jobs}
     with tempfile.TemporaryDirectory() as tmp:
-        wall, m = timed_run([], Path(tmp) / "default")
-        chosen = m["selection"]["chosen_model"]
-        result["default"] = {"wall_s": round(wall, 1), "timing": {k: v for k, v in m["timing"].items()
-                                                                  if k != "runs_s"},
-                             "chosen": chosen, "test_accuracy": m["summary"][f"{chosen}@L10"]["accuracy"]}
-        full_epochs = dict(rnn_covid.PRESETS["report"].epochs)
-        if args.full_report:
-            wall, m = timed_run(["--preset", "report"], Path(tmp) / "report")
-            result["report"] = {"wall_s": round(wall, 1), "extrapolated": False, "timing": m["timing"],
-                                "test_accuracy": {k: v["accuracy"]["mean"] for k, v in m["summary"].items()},
-                                "chosen": m["selection"]["chosen_model"]}
-        else:
-            n = args.report_epochs
-            wall, m = timed_run(["--preset", "report", "--epochs", str(n)], Path(tmp) / "report")
-            train = {k.split("@")[0]: v for k, v in m["timing"]["runs_s"].items()}
-            per_epoch = {c: train[c] / n for c in train}
-            overhead = wall - sum(train.values())
-            estimate = overhead + sum(per_epoch[c] * full_epochs[c] for c in per_epoch)
-            result["report"] = {"extrapolated": True, "epochs_run": n, "wall_s_measured": round(wall, 1),
-                                "per_epoch_s": {c: round(v, 3) for c, v in per_epoch.items()},
-                                "wall_s": round(estimate, 1)}
-    result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
-    result["report_over_default"] = round(result["report"]["wall_s"] / result["default"]["wall_s"], 1)
-
-    d, r = result["default"], result["report"]
-    print(f"machine: {result['cpus']} CPUs, load average {result['load_avg_1min_before']} before, "
-          f"{result['load_avg_1min_after']} after")
-    print(f"default run (3 models x 3 seeds + L sweep): {d['wall_s']:.0f} s; chosen {d['chosen']}, "
-          f"test accuracy {d['test_accuracy']['mean']:.3f} ± {d['test_accuracy']['std']:.3f}")
-    how = (f"extrapolated from {r['epochs_run']} epochs per model "
-           f"(per epoch: {', '.join(f'{c} {v:.2f} s' for c, v in r['per_epoch_s'].items())})"
-           if r["extrapolated"] else "measured")
-    print(f"report preset (1 seed per model, no sweep): {r['wall_s']:.0f} s, {how}")
-    if not r["extrapolated"]:
-        print(f"report preset test accuracy (1 seed): {r['test_accuracy']}; chosen {r['chosen']}")
-    print(f"report / default: {result['report_over_default']}x")
+        result["jobs_1"] = timed_run(["--jobs", "1"], Path(tmp) / "jobs1")
+        show("default run, --jobs 1", result["jobs_1"])
+        result["jobs_default"] = timed_run([], Path(tmp) / "jobs")
+        show(f"default run, --jobs {rnn_covid.DEFAULT.jobs} (the default)", result["jobs_default"])
+        result["speedup"] = round(result["jobs_1"]["wall_s"] / result["jobs_default"]["wall_s"], 2)
+        print(f"speed-up of --jobs {rnn_covid.DEFAULT.jobs} over --jobs 1: {result['speedup']}x", flush=True)
+        if args.report:
+            result["report"] = report_estimate(tmp, args.report_steps)
+        if args.scaling:
+            result["scaling"] = {"assignment file": result["jobs_default"]}
+            for name, extra in list(SCALING.items())[1:]:
+                result["scaling"][name] = timed_run(extra, Path(tmp) / name.replace(" ", "_"))
+                show(name, result["scaling"][name])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rnn_covid.write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

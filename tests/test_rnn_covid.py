@@ -47,7 +47,7 @@ needs_assignment = pytest.mark.usefixtures("assignment_file")
 needs_jhu = pytest.mark.usefixtures("jhu_file")
 
 # A tiny budget: every stage runs, nothing is trained for long.
-TINY = ["--epochs", "3", "--seeds", "2", "--sweep-L", "3,10", "--sweep-seeds", "1"]
+TINY = ["--steps", "3", "--seeds", "2", "--sweep-L", "3,10", "--sweep-seeds", "1"]
 
 
 def run_script(*args, env_extra=None):
@@ -76,12 +76,12 @@ def assignment_data(cfg):
 
 
 def test_config_is_the_preset_with_the_given_flags_replaced():
-    cfg = rc.build_config(["--hidden", "8", "--model", "gru", "--epochs", "5", "--seeds", "2"])
-    assert cfg.hidden == 8 and cfg.models == ("gru",) and cfg.epochs_for("lstm") == 5
+    cfg = rc.build_config(["--hidden", "8", "--model", "gru", "--steps", "5", "--seeds", "2"])
+    assert cfg.hidden == 8 and cfg.models == ("gru",) and cfg.steps_for("lstm") == 5
     assert cfg.sweep_seeds == 2  # follows --seeds unless given
     assert cfg.lr == rc.DEFAULT.lr and cfg.L == 10
     report = rc.build_config(["--preset", "report", "--lr", "0.5"])
-    assert (report.layers, report.hidden, report.lr, report.epochs_for("rnn")) == (2, 510, 0.5, 1000)
+    assert (report.layers, report.hidden, report.lr, report.steps_for("rnn")) == (2, 510, 0.5, 1000)
     assert report.early_stop is False and report.sweep_L == ()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden = 16
@@ -93,14 +93,14 @@ def test_every_flag_has_help_naming_its_default_and_the_report_preset_value():
     assert set(helps) == {f.name for f in dataclasses.fields(rc.Config)}
     for name, text in helps.items():
         assert "default preset:" in text, name
-    for name in ("layers", "hidden", "lr", "weight_decay", "epochs", "early_stop", "seeds", "sweep_L"):
+    for name in ("layers", "hidden", "lr", "weight_decay", "steps", "early_stop", "seeds", "sweep_L"):
         assert "report preset:" in helps[name], name
     assert "report preset: 510" in helps["hidden"]
 
 
 def test_config_record_is_plain_json():
     record = rc.config_record(rc.build_config([]))
-    assert record["epochs"] == {"rnn": 150, "lstm": 150, "gru": 150}
+    assert record["steps"] == {"rnn": 150, "lstm": 150, "gru": 150}
     assert record["sweep_L"] == [3, 5, 7, 10, 14] and record["data"] == "data/covid_19.csv"
     json.dumps(record)
 
@@ -228,8 +228,20 @@ def test_default_dataset_matches_the_assignment_numbers():
     ds = rc.build_dataset(d, C, 10, cfg)
     assert len(C) == 55
     assert len(ds.sets["test"][1]) == 1100 and len(ds.sets["val"][1]) == 550
-    assert ds.sets["test"][0].shape == (1100, 10, 1) and len(ds.sets["train"][1]) == 465
+    assert ds.sets["test"][0].shape == (1100, 10, 1)
+    assert len(ds.sets["train"][1]) == 94 and ds.dropped == 2161  # --min-mean 20 keeps 94 of 2,255
     assert rc.evaluate_baselines(ds)["anti-persistence"]["accuracy"] == pytest.approx(0.601818)
+
+
+@needs_assignment
+def test_training_on_all_countries_keeps_validation_and_test_on_C():
+    cfg = rc.build_config(["--train-on", "all"])
+    d, C = assignment_data(cfg)
+    on_C, on_all = rc.build_dataset(d, C, 10, rc.build_config([])), rc.build_dataset(d, C, 10, cfg)
+    assert len(on_all.sets["train"][1]) > len(on_C.sets["train"][1])
+    for split in ("val", "test"):
+        assert np.array_equal(on_all.sets[split][1], on_C.sets[split][1])
+        assert np.array_equal(on_all.sets[split][0], on_C.sets[split][0])  # --norm window: no scale
 
 
 # --------------------------------------------------------------------------------------
@@ -237,37 +249,37 @@ def test_default_dataset_matches_the_assignment_numbers():
 # --------------------------------------------------------------------------------------
 
 
-def test_best_epoch_restores_the_weights_of_the_lowest_loss():
+def test_best_step_restores_the_weights_of_the_lowest_loss():
     model = torch.nn.Linear(2, 1)
-    best = rc.BestEpoch()
+    best = rc.BestStep()
     snapshots = {}
-    for epoch, loss in enumerate([0.9, 0.4, 0.6, 0.5], start=1):
+    for step, loss in enumerate([0.9, 0.4, 0.6, 0.5], start=1):
         with torch.no_grad():
-            model.weight.fill_(float(epoch))
-        snapshots[epoch] = model.weight.clone()
-        best.update(loss, epoch, model)
+            model.weight.fill_(float(step))
+        snapshots[step] = model.weight.clone()
+        best.update(loss, step, model)
     assert best.restore(model) == 2
     assert torch.equal(model.weight, snapshots[2])
 
 
 @needs_assignment
-def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss():
-    cfg = rc.build_config(["--epochs", "12", "--hidden", "16", "--lr", "0.05"])
+def test_early_stopping_keeps_the_step_of_lowest_validation_loss():
+    cfg = rc.build_config(["--steps", "12", "--hidden", "16", "--lr", "0.05"])
     d, C = assignment_data(cfg)
     ds = rc.build_dataset(d, C, 10, cfg)
-    model, curves, kept = rc.train_model("gru", ds, cfg, seed=1, device=torch.device("cpu"), desc="t")
+    model, curves, kept = rc.train_model("gru", ds, cfg, seed=1, device=torch.device("cpu"))
     val_loss = curves["val_loss"]
-    assert kept == int(np.argmin(val_loss)) + 1 and kept < len(val_loss)  # not the last epoch
+    assert kept == int(np.argmin(val_loss)) + 1 and kept < len(val_loss)  # not the last step
     X, y = (torch.as_tensor(a) for a in ds.sets["val"])
     assert rc.loss_and_accuracy(model, X, y)[0] == pytest.approx(min(val_loss), abs=1e-6)
 
 
 @needs_assignment
-def test_without_early_stopping_the_last_epoch_is_kept():
-    cfg = rc.build_config(["--epochs", "4", "--hidden", "8", "--no-early-stop"])
+def test_without_early_stopping_the_last_step_is_kept():
+    cfg = rc.build_config(["--steps", "4", "--hidden", "8", "--no-early-stop"])
     d, C = assignment_data(cfg)
     model, curves, kept = rc.train_model("rnn", rc.build_dataset(d, C, 10, cfg), cfg, 1,
-                                         torch.device("cpu"), "t")
+                                         torch.device("cpu"))
     assert kept == 4 and len(curves["val_loss"]) == 4
 
 
@@ -591,7 +603,7 @@ def check_outputs(out, model):
 def test_end_to_end_the_model_is_chosen_on_validation_not_test(tmp_path):
     # With this budget LSTM is best on validation and RNN on test: choosing on test would pick RNN.
     out = tmp_path / "out"
-    r = run_script("--epochs", "5", "--hidden", "16", "--seeds", "1", "--sweep-L", "", "--out", out,
+    r = run_script("--steps", "5", "--hidden", "16", "--min-mean", "1", "--seeds", "1", "--sweep-L", "", "--out", out,
                    env_extra={"BROWSER_PATH": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -614,7 +626,7 @@ def test_end_to_end_one_model(tmp_path):
 @needs_assignment
 def test_end_to_end_cumulative_label_words_everywhere(tmp_path):
     out = tmp_path / "out"
-    r = run_script("--model", "rnn", "--label", "cumulative", "--epochs", "2", "--seeds", "1",
+    r = run_script("--model", "rnn", "--label", "cumulative", "--steps", "2", "--seeds", "1",
                    "--sweep-L", "", "--out", out, env_extra={"BROWSER_PATH": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -627,14 +639,18 @@ def test_end_to_end_cumulative_label_words_everywhere(tmp_path):
 
 
 @needs_assignment
-def test_end_to_end_gru_is_reproducible_on_cpu(tmp_path):
+def test_cpu_rerun_is_identical_and_parallel_jobs_change_nothing(tmp_path):
+    """Same seed, machine, thread count and libraries: the same metrics.json apart from timing,
+    whether the trainings run one after another (--jobs 1) or in two worker processes."""
     runs = []
-    for i in range(2):
-        out = tmp_path / f"out{i}"
-        r = run_script("--model", "gru", *TINY, "--device", "cpu", "--out", out, env_extra={"BROWSER_PATH": ""})
+    for jobs in ("1", "2"):
+        out = tmp_path / f"out{jobs}"
+        r = run_script("--model", "gru", *TINY, "--device", "cpu", "--jobs", jobs, "--out", out,
+                       env_extra={"BROWSER_PATH": ""})
         assert r.returncode == 0, r.stderr[-3000:]
         m = check_outputs(out, "gru")
         m.pop("timing")
         m["config"].pop("out")
+        m["config"].pop("jobs")
         runs.append(m)
     assert runs[0] == runs[1]
