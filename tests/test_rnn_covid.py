@@ -528,6 +528,16 @@ def test_duplicate_date_columns(tmp_path):
 
 
 @needs_assignment
+def test_diverging_training_is_one_line_not_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    r = run_script("--lr", "1e30", "--model", "rnn", "--steps", "5", "--seeds", "1", "--sweep-L", "",
+                   "--out", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "diverged; lower --lr" in r.stderr.strip().splitlines()[-1]
+    assert not (out / "metrics.json").exists()
+
+
+@needs_assignment
 def test_output_path_below_a_regular_file(tmp_path):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("keep me\n")
