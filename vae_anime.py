@@ -51,6 +51,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -62,10 +63,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 # ======================================================================================
 
 
-def setting(default, doc, parse=None):
-    """A Config field: its default, the one line that documents it (also its --help text)
-    and the function that parses its flag."""
-    return field(default=default, metadata={"doc": doc, "parse": parse})
+def setting(default, doc, parse=None, bare=None):
+    """A Config field: its default, the one line that documents it (also its --help text),
+    the function that parses its flag and the value the flag takes when given bare."""
+    return field(default=default, metadata={"doc": doc, "parse": parse, "bare": bare})
 
 
 def positive_int(text):
@@ -103,6 +104,19 @@ def fraction(text):
     return value
 
 
+def seed_int(text):
+    value = int(text)
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**31 - 1}, got {text}")
+    return value
+
+
+def amp_mode(text):
+    if text not in ("auto", "on", "off"):
+        raise argparse.ArgumentTypeError(f"choose auto, on or off, got {text!r}")
+    return text
+
+
 def device_name(text):
     if text not in ("auto", "cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"choose auto, cpu or cuda, got {text!r}")
@@ -124,9 +138,11 @@ class Config:
     batch_size: int = setting(64, "images per optimisation step", positive_int)
     lr: float = setting(1e-3, "Adam learning rate", positive_float)
     test_fraction: float = setting(0.1, "share of the images held out as the test set", fraction)
-    seed: int = setting(0, "seed of the split, the initial weights and every noise draw", int)
+    seed: int = setting(0, "seed of the split, the initial weights and every noise draw", seed_int)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda", device_name)
-    amp: bool = setting(False, "bfloat16 mixed precision (CUDA only)")
+    amp: str = setting("auto", "bfloat16 autocast in training: auto (on CUDA GPUs that support it, "
+                               "float32 on the CPU), on (also bare --amp) or off; evaluation is "
+                               "always float32", amp_mode, bare="on")
     workers: int = setting(min(2, os.cpu_count() or 1),
                            "processes decoding images when the cache is (re)built", positive_int)
     resume: bool = setting(False, "continue each λ from its checkpoint in OUT/checkpoints")
@@ -138,7 +154,10 @@ class Config:
 
 PRESETS = {"default": Config()}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
-ACTIVE_UNIT_NATS = 0.01          # a latent dimension whose mean KL exceeds this is "active"
+ARCHIVE_SUFFIXES = {".tar", ".zip", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
+ACTIVE_UNIT_VARIANCE = 0.01      # Burda et al. 2016: active when Var_x(E_q[z_d]) exceeds this
+KL_ACTIVE_NATS = 0.01            # a second, KL-based count: mean KL of the dimension above this
+LOG_EVERY = 50                   # steps between reads of the running loss (each read syncs)
 N_FIXED_TEST = 32                # reconstructions of the same 32 test images for every λ
 N_SAMPLES = 64                   # samples decoded from one fixed z ~ N(0, I)
 N_PAIRS, N_STEPS = 4, 10         # interpolations: 4 pairs of test images, 10 steps each
@@ -165,6 +184,9 @@ def parse_args(argv=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             p.add_argument(flag, action="store_true", default=None, help=flag_help(f))
+        elif f.metadata["bare"] is not None:
+            p.add_argument(flag, type=f.metadata["parse"], default=None, help=flag_help(f),
+                           nargs="?", const=f.metadata["bare"], metavar=f.name.upper())
         else:
             p.add_argument(flag, type=f.metadata["parse"], default=None, help=flag_help(f),
                            metavar=f.name.upper())
@@ -197,6 +219,10 @@ def build_config(args):
 
 
 def list_image_files(data_dir):
+    if data_dir.is_file():
+        fix = ("extract it and pass the folder" if data_dir.suffix.lower() in ARCHIVE_SUFFIXES
+               else "pass the folder that holds it")
+        raise UserError(f"--data-dir {data_dir} is a file, not a folder of images: {fix}")
     if not data_dir.is_dir():
         raise UserError(f"image folder {data_dir} does not exist: run `make data` "
                         "(or pass --data-dir with a folder of images)")
@@ -280,7 +306,7 @@ def read_cache(cache_path, key):
     return cached if cached.get("key") == key else None
 
 
-def load_images(data_dir, size, cache_dir, workers=1):
+def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
     """All images as an N×3×size×size uint8 tensor, from the cache when its key still matches."""
     files = list_image_files(data_dir)
     key = file_list_key(files, data_dir, size)
@@ -303,7 +329,8 @@ def load_images(data_dir, size, cache_dir, workers=1):
             "key": key, "decode_workers": effective_workers(workers, len(files))}
     seconds = time.perf_counter() - start
     try:
-        save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
+        if write_cache:
+            save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
     except OSError as err:      # the images are in memory; only the next run pays again
         log.warning(f"warning: could not write the image cache {cache_path} "
                     f"({err.strerror or err}); pass a writable --cache-dir to skip decoding next time")
@@ -337,8 +364,14 @@ class Data:
     anchors: dict                # test MSE of the mean image, the Bernoulli reconstruction floor
 
 
-def prepare_data(cfg, device):
-    images, info = load_images(cfg.data_dir, cfg.image_size, cfg.cache_folder, cfg.workers)
+def prepare_data(cfg, device, ranks):
+    """Under torchrun rank 0 builds the cache while the others wait, then they read it."""
+    if not ranks.main:
+        barrier(ranks)
+    images, info = load_images(cfg.data_dir, cfg.image_size, cfg.cache_folder, cfg.workers,
+                               write_cache=ranks.main)
+    if ranks.main:
+        barrier(ranks)
     log_data(info)
     images = images.to(device)                       # once; batches are sliced on the device
     train_idx, test_idx = (i.to(device) for i in split_indices(len(images), cfg.test_fraction,
@@ -427,30 +460,48 @@ class StopRequested(Exception):
 
 
 def epoch_order(n, seed, epoch):
-    """Each epoch's shuffle comes from (seed, epoch) alone, so a resumed run replays it exactly."""
+    """Each epoch's shuffle comes from (seed, epoch) alone, so a resumed run replays it exactly
+    and every torchrun rank draws the same order."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def autocast(device, amp):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+def use_bf16(amp, device):
+    """--amp auto: bfloat16 autocast on CUDA GPUs that support it, float32 on the CPU; on / off
+    force it. On the 2-core build CPU (avx512_bf16) oneDNN's bfloat16 convolution gradients
+    ran 1.1x faster than float32 when idle but up to 25x slower when another process shared
+    the cores (docs/vae_anime.md), so the CPU default stays float32."""
+    if amp != "auto":
+        return amp == "on"
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def run_settings(cfg, kl_weight):
+def memory_format(device):
+    """channels_last lets cuDNN skip layout conversions; on the CPU it measured slower here."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def autocast(device, bf16):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def run_settings(cfg, kl_weight, device, bf16):
     """The settings that define one run; a checkpoint made with other settings is not resumed."""
     return {"kl_weight": kl_weight, "seed": cfg.seed, "image_size": cfg.image_size,
             "latent_dim": cfg.latent_dim, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "test_fraction": cfg.test_fraction}
+            "test_fraction": cfg.test_fraction, "amp": bf16, "device": device.type}
 
 
 def empty_sums():
-    return {"objective": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}
+    return {"sums": [0.0, 0.0, 0.0], "n": 0}       # objective, recon, KL summed over images
 
 
-def new_run(settings, data_key, device):
+def new_run(settings, data_key, device, ranks):
     torch.manual_seed(settings["seed"])         # the same initial weights for every λ
-    model = VAE(settings["latent_dim"], settings["image_size"]).to(device)
-    return {"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=settings["lr"]),
-            "config": settings, "data_key": data_key, "epoch": 0, "step": 0,
+    model = VAE(settings["latent_dim"], settings["image_size"]).to(device,
+                                                                  memory_format=memory_format(device))
+    return {"model": model, "net": data_parallel(model, device, ranks),
+            "optimizer": torch.optim.Adam(model.parameters(), lr=settings["lr"], fused=True),
+            "settings": settings, "data_key": data_key, "epoch": 0, "step": 0,
             "partial": empty_sums(), "history": [],
             "noise_gen": torch.Generator(device=device).manual_seed(settings["seed"] + 1),
             "train_seconds": 0.0}
@@ -460,14 +511,14 @@ def save_checkpoint(run, path):
     """nanoGPT-style: everything needed to continue, including the mid-epoch position."""
     save_torch_atomically({
         "model": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
-        "config": run["config"], "data_key": run["data_key"], "epoch": run["epoch"],
+        "config": run["settings"], "data_key": run["data_key"], "epoch": run["epoch"],
         "step": run["step"], "partial": run["partial"], "history": run["history"],
         "noise_rng": run["noise_gen"].get_state(), "torch_rng": torch.get_rng_state(),
         "train_seconds": run["train_seconds"],
     }, path)
 
 
-def resume_run(path, settings, data_key, device):
+def resume_run(path, settings, data_key, device, ranks):
     """The run in `path`, checked against the current settings and data."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
@@ -481,21 +532,21 @@ def resume_run(path, settings, data_key, device):
     if ckpt["data_key"] != data_key:
         raise UserError(f"checkpoint {path} was trained on other images: "
                         "use the same --data-dir or drop --resume")
-    run = new_run(settings, data_key, device)
+    run = new_run(settings, data_key, device, ranks)
     run["model"].load_state_dict(ckpt["model"])
     run["optimizer"].load_state_dict(ckpt["optimizer"])
     run["noise_gen"].set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     run.update(epoch=ckpt["epoch"], step=ckpt["step"], partial=ckpt["partial"],
-               history=ckpt["history"], train_seconds=ckpt["train_seconds"])
+               history=ckpt["history"], train_seconds=ckpt["train_seconds"], resumed=True)
     return run
 
 
-def start_or_resume(cfg, kl_weight, data_key, device):
-    settings, path = run_settings(cfg, kl_weight), checkpoint_path(cfg.out, kl_weight)
+def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
+    settings, path = run_settings(cfg, kl_weight, device, bf16), checkpoint_path(cfg.out, kl_weight)
     if not (cfg.resume and path.exists()):
-        return new_run(settings, data_key, device)
-    run = resume_run(path, settings, data_key, device)
+        return new_run(settings, data_key, device, ranks)
+    run = resume_run(path, settings, data_key, device, ranks)
     log.info(f"λ={weight_tag(kl_weight)}: resuming from epoch {run['epoch']}"
              + (f", step {run['step']}" if run["step"] else "") + f" ({path})")
     return run
@@ -518,69 +569,96 @@ def stop_between_steps():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if flag:        # the request came after the last step: honour it now
+        raise KeyboardInterrupt
 
 
-def train_epoch(run, images, train_idx, device, amp, ckpt_path, stop):
-    """One epoch from run["step"] on; NaN/inf stops with the last good checkpoint untouched."""
-    model, opt, cfg = run["model"], run["optimizer"], run["config"]
-    model.train()
-    order = train_idx[epoch_order(len(train_idx), cfg["seed"], run["epoch"])]
-    batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
-    sums = run["partial"]
-    bar = tqdm(batches[run["step"]:], desc=f"λ={weight_tag(cfg['kl_weight'])} "
-               f"epoch {run['epoch'] + 1}", leave=False, disable=None)
-    for batch in bar:
-        if stop:
-            raise StopRequested(run)
-        x = to_float(images[batch.to(images.device)])
-        noise = torch.randn((len(x), cfg["latent_dim"]), generator=run["noise_gen"], device=device)
-        with autocast(device, amp):
-            logits, mu, logvar = model(x, noise)
+def train_epoch(run, data, ranks, stop):
+    """One epoch from run["step"] on. Every rank takes its share of each global batch; the
+    running sums stay on the device, read once per LOG_EVERY steps and at the end."""
+    s, net, opt = run["settings"], run["net"], run["optimizer"]
+    net.train()
+    device, size = data.images.device, s["batch_size"]
+    order = data.train_idx[epoch_order(len(data.train_idx), s["seed"], run["epoch"])]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    bar = tqdm(range(run["step"], math.ceil(len(order) / size)), leave=False,
+               desc=f"λ={weight_tag(s['kl_weight'])} epoch {run['epoch'] + 1}",
+               disable=None if ranks.main else True)
+    for step in bar:
+        if stop_requested(stop, ranks, step):
+            raise StopRequested(add_partial(run, sums, ranks))
+        batch = order[step * size:(step + 1) * size]
+        noise = torch.randn((len(batch), s["latent_dim"]), generator=run["noise_gen"], device=device)
+        x = to_float(data.images[batch[ranks.rank::ranks.world]])
+        with autocast(device, s["amp"]):
+            logits, mu, logvar = net(x.contiguous(memory_format=memory_format(device)),
+                                     noise[ranks.rank::ranks.world])
         recon, kl = loss_terms(logits, x, mu, logvar)
-        loss = (recon + cfg["kl_weight"] * kl).mean()
-        # One host sync per step: it catches a NaN before it reaches the weights.
-        value = loss.item()
-        if not math.isfinite(value):
-            raise UserError(f"the loss became {value} at λ={weight_tag(cfg['kl_weight'])}, epoch "
-                            f"{run['epoch'] + 1}, step {run['step'] + 1}: lower --lr; the last good "
-                            f"checkpoint is kept ({ckpt_path if ckpt_path.exists() else 'none yet'})")
+        objective = recon + s["kl_weight"] * kl
+        # This rank's share of the global batch mean; DDP averages the ranks' gradients.
+        loss = objective.sum() * (ranks.world / len(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sums["objective"] += value * len(x)
-        sums["recon"] += recon.detach().sum().item()
-        sums["kl"] += kl.detach().sum().item()
-        sums["n"] += len(x)
-        run["step"] += 1
-        if run["step"] % 20 == 0:
-            bar.set_postfix(loss=f"{value:.1f}")
-    n = sums["n"]
-    return {"objective": sums["objective"] / n, "recon": sums["recon"] / n, "kl": sums["kl"] / n,
-            "neg_elbo": (sums["recon"] + sums["kl"]) / n}
+        sums += torch.stack([objective.sum(), recon.sum(), kl.sum()]).detach().double()
+        run["step"], run["partial"]["n"] = step + 1, run["partial"]["n"] + len(batch)
+        if run["step"] % LOG_EVERY == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{loss.item() / ranks.world:.1f}")
+    objective, recon, kl = add_partial(run, sums, ranks)["partial"]["sums"]
+    n = run["partial"]["n"]
+    return {"objective": objective / n, "recon": recon / n, "kl": kl / n,
+            "neg_elbo": (recon + kl) / n}
 
 
-def train(run, data, epochs, device, amp, ckpt_path, stop):
+def add_partial(run, sums, ranks):
+    """Fold this epoch's device sums, added up over the ranks, into the run's partial sums."""
+    totals = sum_across(sums, ranks).tolist()
+    run["partial"]["sums"] = [a + b for a, b in zip(run["partial"]["sums"], totals)]
+    return run
+
+
+def train(run, data, epochs, ranks, ckpt_path, stop):
     """Train to `epochs`, evaluating and checkpointing after each; a stop request checkpoints
-    the step reached, so resuming replays the rest of the epoch exactly."""
+    the step reached, so resuming replays the rest of the epoch exactly. Non-finite numbers
+    never reach a checkpoint."""
+    s = run["settings"]
     while run["epoch"] < epochs:
         start, seconds_before = time.perf_counter(), run["train_seconds"]
         try:
-            train_stats = train_epoch(run, data.images, data.train_idx, device, amp, ckpt_path, stop)
+            train_stats = train_epoch(run, data, ranks, stop)
         except StopRequested:
+            refuse_non_finite(run, {"objective": sum(run["partial"]["sums"])}, {}, ckpt_path)
             run["train_seconds"] = seconds_before + time.perf_counter() - start
-            save_checkpoint(run, ckpt_path)
+            if ranks.main:
+                save_checkpoint(run, ckpt_path)
             raise
-        test_stats = evaluate(run["model"], data.images, data.test_idx, run["config"]["kl_weight"],
-                              device, amp, run["config"]["seed"])
-        test_stats.pop("kl_per_dim")
+        test_stats = evaluate(run["model"], data.images, data.test_idx, s["kl_weight"], s["seed"], ranks)
+        refuse_non_finite(run, train_stats, test_stats, ckpt_path)
         seconds = time.perf_counter() - start
         run.update(history=run["history"] + [{"epoch": run["epoch"] + 1, "train": train_stats,
-                                              "test": test_stats}],
+                                              "test": scalars(test_stats)}],
                    epoch=run["epoch"] + 1, step=0, train_seconds=seconds_before + seconds,
-                   partial=empty_sums())
-        save_checkpoint(run, ckpt_path)
+                   partial=empty_sums(), saved=True)
+        if ranks.main:
+            save_checkpoint(run, ckpt_path)
         log_epoch(run, epochs, train_stats, test_stats, seconds)
     return run
+
+
+def refuse_non_finite(run, train_stats, test_stats, ckpt_path):
+    """A NaN or inf anywhere stops the run before it can be saved; says what the checkpoint holds."""
+    bad = {k: v for k, v in (train_stats | scalars(test_stats)).items() if not math.isfinite(v)}
+    if not bad:
+        return
+    if not ckpt_path.exists():
+        kept = "no checkpoint was written"
+    elif run.get("saved") or run.get("resumed"):
+        kept = f"{ckpt_path} still holds the last good state (epoch {run['epoch']})"
+    else:
+        kept = f"{ckpt_path}, from an earlier run, is left untouched"
+    raise UserError(f"training diverged at λ={weight_tag(run['settings']['kl_weight'])} in epoch "
+                    f"{run['epoch'] + 1} (non-finite {', '.join(sorted(bad))}): lower --lr; "
+                    f"nothing of this epoch was saved, {kept}")
 
 
 # ======================================================================================
@@ -589,33 +667,42 @@ def train(run, data, epochs, device, amp, ckpt_path, stop):
 
 
 @torch.no_grad()
-def evaluate(model, images, idx, kl_weight, device, amp, seed, batch_size=512):
-    """Test objective, true neg-ELBO (λ = 1), recon, KL, MSE of the posterior-mean
-    reconstruction, and KL per latent dimension; one seeded noise draw, so it is repeatable."""
+def evaluate(model, images, idx, kl_weight, seed, ranks=None, batch_size=512):
+    """On the test images, always in float32: objective, true neg-ELBO (λ = 1), recon, KL, MSE
+    of the posterior-mean reconstruction, KL per latent dimension, and active units (Burda et
+    al. 2016: dimensions whose posterior mean varies across the images with variance > 0.01).
+    One seeded noise draw, so it is repeatable; under torchrun each rank takes a share."""
+    ranks = ranks or Ranks()
     model.eval()
+    d, device = model.to_moments.out_features // 2, images.device
     noise_gen = torch.Generator(device=device).manual_seed(seed)
-    sums = {"recon": 0.0, "kl": 0.0, "mse": 0.0}
-    kl_dims = 0
+    sums = torch.zeros(3 + 3 * d, dtype=torch.float64, device=device)
     for start in range(0, len(idx), batch_size):
-        x = to_float(images[idx[start:start + batch_size]])
-        with autocast(device, amp):
+        chunk = idx[start:start + batch_size]
+        noise = torch.randn((len(chunk), d), generator=noise_gen, device=device)[ranks.rank::ranks.world]
+        x = to_float(images[chunk[ranks.rank::ranks.world]])
+        with torch.autocast(device.type, enabled=False):
             mu, logvar = model.encode(x)
-            noise = torch.randn(mu.shape, generator=noise_gen, device=device)
-            logits = model.decoder(mu + noise * torch.exp(0.5 * logvar))
-            mean_recon = model.decode(mu)
-        mu, logvar = mu.float(), logvar.float()
-        recon, kl = loss_terms(logits, x, mu, logvar)
-        sums["recon"] += recon.sum().item()
-        sums["kl"] += kl.sum().item()
-        sums["mse"] += (mean_recon.float() - x).pow(2).flatten(1).mean(1).sum().item()
-        kl_dims = kl_dims + kl_per_dimension(mu, logvar).sum(0)
-    n = len(idx)
-    out = {k: v / n for k, v in sums.items()}
+            recon, kl = loss_terms(model.decoder(mu + noise * torch.exp(0.5 * logvar)), x, mu, logvar)
+            mse = (model.decode(mu) - x).pow(2).flatten(1).mean(1)
+        parts = [torch.stack([recon.sum(), kl.sum(), mse.sum()]),
+                 kl_per_dimension(mu, logvar).sum(0), mu.sum(0), mu.pow(2).sum(0)]
+        sums += torch.cat([p.double() for p in parts])
+    totals = sum_across(sums, ranks) / len(idx)
+    mu_mean, mu_sq = totals[3 + d:3 + 2 * d], totals[3 + 2 * d:]
+    out = dict(zip(("recon", "kl", "mse"), totals[:3].tolist()))
     out["neg_elbo"] = out["recon"] + out["kl"]
     out["objective"] = out["recon"] + kl_weight * out["kl"]
-    out["kl_per_dim"] = (kl_dims / n).cpu().tolist()
-    out["active_units"] = int(sum(v > ACTIVE_UNIT_NATS for v in out["kl_per_dim"]))
+    out["kl_per_dim"] = totals[3:3 + d].tolist()
+    out["mu_variance_per_dim"] = (mu_sq - mu_mean.pow(2)).clamp_min(0).tolist()
+    out["active_units"] = sum(v > ACTIVE_UNIT_VARIANCE for v in out["mu_variance_per_dim"])
+    out["kl_active_dims"] = sum(v > KL_ACTIVE_NATS for v in out["kl_per_dim"])
     return out
+
+
+def scalars(stats):
+    """The numbers of an evaluation without its per-dimension lists."""
+    return {k: v for k, v in stats.items() if not isinstance(v, list)}
 
 
 @torch.no_grad()
@@ -655,17 +742,13 @@ def picture_stats(pictures, fixed_test, mean_image):
             "sample_pixel_std": samples.std(0).mean().item()}
 
 
-def finish_run(run, data, device, amp, out):
-    """Evaluate a trained (or interrupted) run and write its figures; returns its metrics entry."""
-    cfg = run["config"]
-    test = evaluate(run["model"], data.images, data.test_idx, cfg["kl_weight"], device, amp, cfg["seed"])
-    with autocast(device, amp):
-        pictures = run_pictures(run["model"], data.fixed_test, data.z)
-    write_run_figures(out, cfg["kl_weight"], run["history"], pictures, data.fixed_test,
-                      test["kl_per_dim"])
-    return {"kl_weight": cfg["kl_weight"], "epochs": run["epoch"],
-            "test": {k: test[k] for k in ("objective", "neg_elbo", "recon", "kl", "mse", "active_units")},
-            "kl_per_dim": test["kl_per_dim"],
+def finish_run(run, test, data, out):
+    """Write the figures of a trained (or interrupted) run; returns its metrics entry."""
+    w = run["settings"]["kl_weight"]
+    pictures = run_pictures(run["model"], data.fixed_test, data.z)
+    write_run_figures(out, w, run["history"], pictures, data.fixed_test, test)
+    return {"kl_weight": w, "epochs": run["epoch"], "test": scalars(test),
+            "kl_per_dim": test["kl_per_dim"], "mu_variance_per_dim": test["mu_variance_per_dim"],
             "pictures": picture_stats(pictures, data.fixed_test.float().cpu(), data.mean_image),
             "history": run["history"]}, pictures
 
@@ -676,32 +759,42 @@ def finish_run(run, data, device, amp, out):
 
 
 def main(argv=None):
-    return exit_code(run_all, parse_args(argv))
+    return exit_code(run, parse_args(argv))
 
 
-def run_all(cfg):
+def run(cfg):
+    with sigterm_as_interrupt(), process_group(cfg.device) as (ranks, device):
+        return run_all(cfg, ranks, device)
+
+
+def run_all(cfg, ranks, device):
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     matplotlib.use("Agg")                # figures go to files, even where a display exists
-    device = choose_device(cfg.device)
-    if cfg.amp and device.type != "cuda":
-        log.info("note: --amp only applies on CUDA; training in float32 on the CPU")
-    check_writable(cfg.out)
+    bf16 = use_bf16(cfg.amp, device)
+    if ranks.main:
+        check_writable(cfg.out)
     seed_everything(cfg.seed)
-    data = prepare_data(cfg, device)
-    log.info(f"device {device}; {len(data.train_idx)} train / {len(data.test_idx)} test images; "
-             f"λ = {', '.join(map(weight_tag, cfg.kl_weights))}; {cfg.epochs} epochs each")
+    data = prepare_data(cfg, device, ranks)
+    log.info(f"device {device} ({'bfloat16 autocast' if bf16 else 'float32'}, {ranks.world} "
+             f"process{'es' if ranks.world > 1 else ''}); {len(data.train_idx)} train / "
+             f"{len(data.test_idx)} test images; λ = {', '.join(map(weight_tag, cfg.kl_weights))}; "
+             f"{cfg.epochs} epochs each")
     entries, pictures, train_s = [], {}, {}
     for w in cfg.kl_weights:
         try:
-            run = train_one_weight(cfg, w, data, device)
+            trained = train_one_weight(cfg, w, data, device, bf16, ranks)
         except StopRequested as stopped:
-            return finish_interrupted(cfg, stopped.run, data, device)
-        train_s[weight_tag(w)] = run["train_seconds"]
-        entry, pictures[w] = finish_run(run, data, device, cfg.amp, cfg.out)
-        entries.append(entry)
+            return finish_interrupted(cfg, stopped.run, data, ranks)
+        test = evaluate(trained["model"], data.images, data.test_idx, w, cfg.seed, ranks)
+        train_s[weight_tag(w)] = trained["train_seconds"]
+        if ranks.main:
+            entry, pictures[w] = finish_run(trained, test, data, cfg.out)
+            entries.append(entry)
+    if not ranks.main:
+        return 0
     plot_comparison(pictures, data.fixed_test.float().cpu(), cfg.out / "lambda_comparison.png")
     metrics = collect_metrics(cfg, data, entries)
-    metrics["timing"] = timing(device, data, train_s, started, load_before)
+    metrics["timing"] = timing(device, bf16, ranks, data, train_s, started, load_before)
     write_text_atomically(cfg.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     write_text_atomically(cfg.out / "REPORT.md", build_report(metrics, VAE(cfg.latent_dim, cfg.image_size),
                                                                cfg.out))
@@ -710,17 +803,20 @@ def run_all(cfg):
     return 0
 
 
-def train_one_weight(cfg, kl_weight, data, device):
-    run = start_or_resume(cfg, kl_weight, data.info["key"], device)
+def train_one_weight(cfg, kl_weight, data, device, bf16, ranks):
+    trained = start_or_resume(cfg, kl_weight, data.info["key"], device, bf16, ranks)
     with stop_between_steps() as stop:
-        return train(run, data, cfg.epochs, device, cfg.amp, checkpoint_path(cfg.out, kl_weight), stop)
+        return train(trained, data, cfg.epochs, ranks, checkpoint_path(cfg.out, kl_weight), stop)
 
 
-def finish_interrupted(cfg, run, data, device):
+def finish_interrupted(cfg, stopped, data, ranks):
     """After a stop request: the checkpoint is saved; write this λ's figures so far, exit 130."""
-    finish_run(run, data, device, cfg.amp, cfg.out)
-    print(f"interrupted: checkpoint saved to {checkpoint_path(cfg.out, run['config']['kl_weight'])}, "
-          f"figures so far in {cfg.out}; continue with --resume", file=sys.stderr)
+    s = stopped["settings"]
+    test = evaluate(stopped["model"], data.images, data.test_idx, s["kl_weight"], s["seed"], ranks)
+    if ranks.main:
+        finish_run(stopped, test, data, cfg.out)
+        print(f"interrupted: checkpoint saved to {checkpoint_path(cfg.out, s['kl_weight'])}, "
+              f"figures so far in {cfg.out}; continue with --resume", file=sys.stderr)
     return 130
 
 
@@ -740,9 +836,10 @@ def collect_metrics(cfg, data, entries):
     })
 
 
-def timing(device, data, train_s, started, load_before):
+def timing(device, bf16, ranks, data, train_s, started, load_before):
     return summarise({
-        "device": str(device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": str(device), "bf16_autocast": bf16, "processes": ranks.world,
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "data_s": data.info["seconds"], "cache": data.info["cache"], "train_s": train_s,
         "total_s": time.perf_counter() - started,
         "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)})
@@ -826,19 +923,19 @@ def plot_interpolations(pairs, kl_weight, path):
     save_figure_atomically(fig, path)
 
 
-def plot_kl_per_dim(kl_per_dim, kl_weight, path):
-    values = np.sort(np.asarray(kl_per_dim))[::-1]
-    active = int((values > ACTIVE_UNIT_NATS).sum())
+def plot_per_dimension(values, threshold, kl_weight, what, path):
+    """One bar per latent dimension, sorted, with the threshold that makes a dimension count."""
+    values = np.sort(np.asarray(values))[::-1]
+    above = int((values > threshold).sum())
     fig, ax = plt.subplots(figsize=(8, 3.4))
     ax.bar(np.arange(len(values)), np.maximum(values, 1e-5), width=1.0,
-           color=np.where(values > ACTIVE_UNIT_NATS, "tab:blue", "tab:grey"))
-    ax.axhline(ACTIVE_UNIT_NATS, color="tab:red", ls="--", lw=1,
-               label=f"active threshold {ACTIVE_UNIT_NATS} nats")
+           color=np.where(values > threshold, "tab:blue", "tab:grey"))
+    ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold}")
     ax.set_yscale("log")
-    ax.set_xlabel("latent dimension, sorted by KL")
-    ax.set_ylabel("mean KL over test set, nats\n(below 1e-5 drawn at 1e-5)", fontsize=9)
-    ax.set_title(f"λ = {weight_tag(kl_weight)}: KL per latent dimension, "
-                 f"{active}/{len(values)} active units", fontsize=10)
+    ax.set_xlabel("latent dimension, sorted")
+    ax.set_ylabel(f"{what['axis']}\n(below 1e-5 drawn at 1e-5)", fontsize=9)
+    ax.set_title(f"λ = {weight_tag(kl_weight)}: {what['title']}, {above}/{len(values)} above "
+                 "the threshold", fontsize=10)
     ax.legend(fontsize=8)
     save_figure_atomically(fig, path)
 
@@ -864,10 +961,11 @@ def plot_comparison(pictures_by_weight, fixed_test, path):
 def figure_paths(out, kl_weight):
     tag = weight_tag(kl_weight)
     return {name: out / f"lambda_{tag}_{name}.png"
-            for name in ("learning_curve", "reconstructions", "samples", "interpolations", "kl_per_dim")}
+            for name in ("learning_curve", "reconstructions", "samples", "interpolations",
+                         "active_units", "kl_per_dim")}
 
 
-def write_run_figures(out, kl_weight, history, pictures, fixed_test, kl_per_dim):
+def write_run_figures(out, kl_weight, history, pictures, fixed_test, test):
     paths = figure_paths(out, kl_weight)
     if history:
         plot_learning_curve(history, kl_weight, paths["learning_curve"])
@@ -875,7 +973,12 @@ def write_run_figures(out, kl_weight, history, pictures, fixed_test, kl_per_dim)
     plot_samples(pictures["samples"], kl_weight, paths["samples"])
     if pictures["pairs"]:
         plot_interpolations(pictures["pairs"], kl_weight, paths["interpolations"])
-    plot_kl_per_dim(kl_per_dim, kl_weight, paths["kl_per_dim"])
+    plot_per_dimension(test["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE, kl_weight,
+                       {"axis": "variance of the posterior mean\nover the test images",
+                        "title": "active units (Burda et al. 2016)"}, paths["active_units"])
+    plot_per_dimension(test["kl_per_dim"], KL_ACTIVE_NATS, kl_weight,
+                       {"axis": "mean KL over the test set, nats", "title": "KL per latent dimension"},
+                       paths["kl_per_dim"])
 
 
 # ======================================================================================
@@ -967,18 +1070,26 @@ def results_section(metrics):
     anchors, latent = metrics["anchors"], metrics["config"]["latent_dim"]
     rows = [(weight_tag(r["kl_weight"]), fmt(r["test"]["neg_elbo"]), fmt(r["test"]["recon"]),
              fmt(r["test"]["kl"], 2), fmt(r["test"]["mse"], 4), f"{r['test']['active_units']}/{latent}",
+             f"{r['test']['kl_active_dims']}/{latent}",
              fmt(r["history"][-1]["train"]["objective"]) if r["history"] else "–")
             for r in metrics["runs"]]
-    rows.append(("anchor: mean training image", "", "", "", fmt(anchors["mean_image_mse"], 4), "", ""))
+    rows.append(("anchor: mean training image", "", "", "", fmt(anchors["mean_image_mse"], 4), "", "", ""))
     if anchors.get("lambda_0_mse") is not None:
-        rows.append(("anchor: λ = 0 model", "", "", "", fmt(anchors["lambda_0_mse"], 4), "", ""))
+        rows.append(("anchor: λ = 0 model", "", "", "", fmt(anchors["lambda_0_mse"], 4), "", "", ""))
     table = markdown_table(["λ", "test neg-ELBO (nats)", "recon (nats)", "KL (nats)", "test MSE",
-                            "active units", "train objective"], rows)
+                            "active units", "KL-active dims", "train objective"], rows)
     return f"""## Results (test set, per image)
 
 {table}
 
-Active units: latent dimensions whose mean KL over the test set exceeds {ACTIVE_UNIT_NATS} nats.
+Active units follow Burda et al. (2016): a latent dimension d is active when the variance over
+all test images of its posterior mean, Var_x(E_q[z_d]), exceeds {ACTIVE_UNIT_VARIANCE}
+(figure `lambda_<λ>_active_units.png`). "KL-active dims" is a different count: dimensions whose
+KL(q(z_d|x) ‖ N(0, 1)), averaged over the test images, exceeds {KL_ACTIVE_NATS} nats
+(figure `lambda_<λ>_kl_per_dim.png`). A dimension can carry KL without being active (a posterior
+variance that differs from 1 while its mean stays put), so the second count can be the larger.
+Training used {"bfloat16 autocast" if metrics["timing"]["bf16_autocast"] else "float32"}; every
+test number is computed in float32.
 """
 
 
@@ -1059,8 +1170,8 @@ def strong_kl_line(w, r, metrics):
     latent, mean_mse = metrics["config"]["latent_dim"], metrics["anchors"]["mean_image_mse"]
     t, s = r["test"], r["pictures"]
     collapsed = t["active_units"] <= max(1, latent // 10)
-    state = ("the posterior has collapsed onto the prior: no latent dimension carries more than "
-             f"{ACTIVE_UNIT_NATS} nats" if t["active_units"] == 0 else
+    state = ("the posterior has collapsed onto the prior: no latent dimension's posterior mean "
+             f"varies across images by more than {ACTIVE_UNIT_VARIANCE}" if t["active_units"] == 0 else
              "the posterior has largely collapsed onto the prior" if collapsed
              else "the posterior has not collapsed (many units stay active)")
     near_mean = s["sample_mse_to_mean_image"] < 0.5 * mean_mse
@@ -1135,10 +1246,87 @@ def log_data(info):
 
 
 def log_epoch(run, epochs, train_stats, test_stats, seconds):
-    log.info(f"λ={weight_tag(run['config']['kl_weight']):>4} epoch {run['epoch']:>3}/{epochs}  "
+    log.info(f"λ={weight_tag(run['settings']['kl_weight']):>4} epoch {run['epoch']:>3}/{epochs}  "
              f"train obj {train_stats['objective']:8.1f} neg-ELBO {train_stats['neg_elbo']:7.1f} | "
              f"test obj {test_stats['objective']:8.1f} neg-ELBO {test_stats['neg_elbo']:7.1f} "
              f"recon {test_stats['recon']:7.1f} KL {test_stats['kl']:6.1f}  ({seconds:.0f} s)")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job; a plain run is rank 0 of 1."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def process_group(device_name):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, gloo on the CPU)
+    and take this rank's GPU; otherwise a plain single process. Yields (ranks, device)."""
+    device = choose_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield Ranks(), device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ranks = Ranks(dist.get_rank(), dist.get_world_size())
+    if not ranks.main:
+        log.setLevel(logging.ERROR)       # one log, from rank 0
+    try:
+        yield ranks, device
+    finally:
+        dist.destroy_process_group()
+
+
+def data_parallel(model, device, ranks):
+    """The module that training calls: DDP (gradients all-reduced) under torchrun, else the model."""
+    if ranks.world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
+                                               if device.type == "cuda" else None)
+
+
+def sum_across(tensor, ranks):
+    """The tensor summed over all ranks (a copy; the tensor itself is left as it was)."""
+    total = tensor.clone()
+    if ranks.world > 1:
+        dist.all_reduce(total)
+    return total
+
+
+def barrier(ranks):
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def stop_requested(flag, ranks, step):
+    """Whether to stop before this step. Under torchrun the ranks agree every LOG_EVERY steps
+    (one tiny all-reduce), so all of them stop at the same step."""
+    if ranks.world == 1:
+        return bool(flag)
+    if step % LOG_EVERY:
+        return False
+    return bool(sum_across(torch.tensor([float(bool(flag))]), ranks).item())
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM behaves like Ctrl-C everywhere (training turns both into a stop between steps)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ======================================================================================

@@ -10,8 +10,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,15 @@ def subset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small(subset, tmp_path_factory):
+    """120 of those faces, for runs that only need a few training steps."""
+    folder = tmp_path_factory.mktemp("small")
+    for path in sorted(subset.glob("*.jpg"))[:120]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def default_run(subset, tmp_path_factory):
     """The three default λ, one short epoch each, on the subset."""
     out = tmp_path_factory.mktemp("out")
@@ -87,7 +98,8 @@ def test_no_flags_give_the_default_preset():
 
 def test_flags_replace_preset_fields_and_the_config_is_frozen():
     cfg = vae_anime.parse_args(["--epochs", "7", "--kl-weights", "2,0.5", "--lr", "3e-4", "--amp"])
-    assert (cfg.epochs, cfg.kl_weights, cfg.lr, cfg.amp) == (7, (2.0, 0.5), 3e-4, True)
+    assert (cfg.epochs, cfg.kl_weights, cfg.lr, cfg.amp) == (7, (2.0, 0.5), 3e-4, "on")
+    assert vae_anime.parse_args(["--amp", "off"]).amp == "off"
     assert vae_anime.parse_args(["--kl-weight", "5"]).kl_weights == (5.0,)
     assert cfg.cache_folder == cfg.out / "cache"
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -259,6 +271,55 @@ def test_interpolation_endpoints_are_decoded_posterior_means():
     torch.testing.assert_close(path[-1], ends[1])
 
 
+def model_with_one_active_unit():
+    """A 2-d latent: μ_0 follows the image, μ_1 is the constant 3 (large KL, zero variance)."""
+    torch.manual_seed(0)
+    model = vae_anime.VAE(latent_dim=2)
+    with torch.no_grad():
+        model.to_moments.weight.zero_()
+        model.to_moments.bias.zero_()
+        model.to_moments.weight[0] = torch.randn(model.to_moments.in_features) * 10
+        model.to_moments.bias[1] = 3.0
+    return model
+
+
+def test_active_units_follow_burda_over_the_whole_test_split():
+    model = model_with_one_active_unit()
+    images = (torch.rand(10, 3, 32, 32) * 255).to(torch.uint8)
+    idx = torch.arange(10)
+    stats = vae_anime.evaluate(model, images, idx, 1.0, seed=0, batch_size=4)
+    with torch.no_grad():
+        mu = model.encode(vae_anime.to_float(images))[0]
+    expected = mu.double().var(0, unbiased=False)
+    assert stats["mu_variance_per_dim"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-9)
+    assert expected[0] > vae_anime.ACTIVE_UNIT_VARIANCE
+    assert stats["active_units"] == 1                  # μ_1 never moves: not active ...
+    assert stats["kl_per_dim"][1] == pytest.approx(4.5, rel=1e-4)
+    assert stats["kl_active_dims"] == 2                # ... although it carries 4.5 nats of KL
+
+
+def test_evaluation_is_float32_even_inside_autocast():
+    model = model_with_one_active_unit()
+    images = (torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)
+    plain = vae_anime.evaluate(model, images, torch.arange(6), 1.0, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = vae_anime.evaluate(model, images, torch.arange(6), 1.0, seed=0)
+    assert inside == plain
+
+
+def test_non_finite_numbers_are_refused_with_what_the_checkpoint_holds(tmp_path):
+    ckpt = tmp_path / "lambda_1.pt"
+    run = {"settings": {"kl_weight": 1.0}, "epoch": 2}
+    with pytest.raises(vae_anime.UserError, match="non-finite neg_elbo.*no checkpoint was written"):
+        vae_anime.refuse_non_finite(run, {"objective": 1.0}, {"neg_elbo": math.nan}, ckpt)
+    ckpt.write_bytes(b"earlier")
+    with pytest.raises(vae_anime.UserError, match="from an earlier run, is left untouched"):
+        vae_anime.refuse_non_finite(run, {"objective": math.inf}, {}, ckpt)
+    with pytest.raises(vae_anime.UserError, match=r"still holds the last good state \(epoch 2\)"):
+        vae_anime.refuse_non_finite(dict(run, saved=True), {"objective": math.inf}, {}, ckpt)
+    vae_anime.refuse_non_finite(run, {"objective": 1.0}, {"kl_per_dim": [1.0]}, ckpt)
+
+
 def test_edge_energy_ranks_sharp_above_flat():
     flat = torch.full((1, 3, 8, 8), 0.5)
     checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2
@@ -415,8 +476,8 @@ def test_64px_images_work_end_to_end(subset, tmp_path):
     assert "| enc Conv2d 4×4/2 | 512×2×2 |" in (tmp_path / "REPORT.md").read_text()
 
 
-def test_resume_continues_where_it_stopped(subset, tmp_path):
-    common = ("--data-dir", subset, "--kl-weight", 1, "--batch-size", 64)
+def test_resume_continues_where_it_stopped(small, tmp_path):
+    common = ("--data-dir", small, "--kl-weight", 1, "--batch-size", 64)
     assert run_script(*common, "--out", tmp_path / "a", "--epochs", 1).returncode == 0
     resumed = run_script(*common, "--out", tmp_path / "a", "--epochs", 2, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -460,8 +521,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(default_run, subset, tmp_
     before = ckpt.read_bytes(), (out / "metrics.json").read_bytes()
     result = run_script("--data-dir", subset, "--out", out, "--kl-weight", 1, "--epochs", 1,
                         "--lr", "1e30")
-    assert_clean_error(result, "the loss became", "lower --lr", "checkpoint")
+    assert_clean_error(result, "training diverged", "lower --lr", "from an earlier run, is left untouched")
     assert (ckpt.read_bytes(), (out / "metrics.json").read_bytes()) == before
+
+
+def test_unwritable_output_folder(subset, tmp_path):
+    """A folder without write permission. Root writes through chmod, so as root the test uses
+    /sys, where not even root may create files."""
+    if os.geteuid() == 0:
+        target = Path("/sys")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        target = locked / "out"
+    result = run_script("--data-dir", subset, "--out", target)
+    assert_clean_error(result, "cannot write to output folder", "--out")
+
+
+@pytest.mark.parametrize("name", ["faces.tar", "face.jpg"])
+def test_data_dir_that_is_a_file(subset, tmp_path, name):
+    path = tmp_path / name
+    shutil.copy(sorted(subset.glob("*.jpg"))[0], path)
+    result = run_script("--data-dir", path, "--out", tmp_path / "o")
+    assert_clean_error(result, "is a file, not a folder",
+                       "extract it" if name.endswith(".tar") else "folder that holds it")
+    assert not (tmp_path / "o").exists() or files_under(tmp_path / "o") == []
 
 
 def test_output_below_a_regular_file(subset, tmp_path):
@@ -473,7 +557,8 @@ def test_output_below_a_regular_file(subset, tmp_path):
 
 @pytest.mark.parametrize("flags", [("--image-size", "33"), ("--kl-weights", "1,-1"),
                                    ("--epochs", "0"), ("--lr", "nan"), ("--device", "tpu"),
-                                   ("--test-fraction", "1.5")])
+                                   ("--test-fraction", "1.5"), ("--seed", "-1"),
+                                   ("--seed", str(2**31)), ("--amp", "maybe")])
 def test_invalid_flags(flags, tmp_path):
     result = run_script(*flags, "--out", tmp_path / "o")
     assert result.returncode == 2
@@ -487,6 +572,79 @@ def test_resume_with_other_settings_is_refused(default_run, subset, tmp_path):
     result = run_script("--data-dir", subset, "--out", out, "--kl-weight", 1, "--lr", "0.01",
                         "--resume")
     assert_clean_error(result, "other settings", "lr")
+
+
+def test_resume_with_other_precision_is_refused(default_run, subset, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(default_run[0], out)
+    made_with = torch.load(out / "checkpoints" / "lambda_1.pt", weights_only=False)["config"]["amp"]
+    result = run_script("--data-dir", subset, "--out", out, "--kl-weight", 1, "--resume",
+                        "--amp", "off" if made_with else "on")
+    assert_clean_error(result, "other settings", f"amp {made_with} -> {not made_with}")
+
+
+# --------------------------------------------------------------------------------------
+# Signals: the first Ctrl-C or SIGTERM stops between steps and saves; a second one stops
+# at once without saving; after training, nothing claims "nothing written"
+# --------------------------------------------------------------------------------------
+
+
+def start_script(*args):
+    return subprocess.Popen([sys.executable, "-u", str(SCRIPT), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_after(proc, needle, *signals, delay=0.0):
+    """Send `signals` (back to back) `delay` seconds after the log shows `needle`;
+    returns (stdout, stderr)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            time.sleep(delay)
+            for sig in signals:
+                proc.send_signal(sig)
+            break
+    stdout, stderr = proc.communicate(timeout=180)
+    return "".join(seen) + stdout, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_first_signal_saves_checkpoint_and_figures_then_resumes_exactly(small, tmp_path, sig):
+    common = ["--data-dir", small, "--kl-weight", 1, "--batch-size", 8, "--epochs", 2]
+    proc = start_script(*common, "--out", tmp_path / "a")
+    stdout, stderr = signal_after(proc, "epoch   1/2", sig, delay=0.2)   # usually mid-epoch 2
+    assert proc.returncode == 130, stdout + stderr
+    assert "continue with --resume" in stderr and "Traceback" not in stderr
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "lambda_1.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
+    assert (tmp_path / "a" / "lambda_1_samples.png").exists()
+    resumed = run_script(*common, "--out", tmp_path / "a", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_script(*common, "--out", tmp_path / "b").returncode == 0
+    a, b = without_timing(tmp_path / "a" / "metrics.json"), without_timing(tmp_path / "b" / "metrics.json")
+    assert a["runs"] == b["runs"]
+
+
+def test_second_signal_stops_at_once_without_saving(small, tmp_path):
+    proc = start_script("--data-dir", small, "--kl-weight", 1, "--batch-size", 8, "--epochs", 3,
+                        "--out", tmp_path)
+    stdout, stderr = signal_after(proc, "epoch   1/3", signal.SIGINT, signal.SIGTERM)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "continue with --resume" not in stderr
+    assert "file(s) were written" in stderr and "nothing was written" not in stderr
+    ckpt = torch.load(tmp_path / "checkpoints" / "lambda_1.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)     # the end of epoch 1, no half step
+    assert not (tmp_path / "lambda_1_samples.png").exists()
+
+
+def test_ctrl_c_after_training_names_what_was_written(small, tmp_path):
+    proc = start_script("--data-dir", small, "--kl-weight", 1, "--epochs", 1, "--out", tmp_path)
+    stdout, stderr = signal_after(proc, "epoch   1/1", signal.SIGINT)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "nothing was written" not in stderr
+    assert "file(s) were written before it" in stderr
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
