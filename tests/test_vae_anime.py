@@ -488,6 +488,28 @@ def test_resume_continues_where_it_stopped(small, tmp_path):
     assert a["runs"] == b["runs"]                 # resumed == uninterrupted, to the last digit
 
 
+def test_torchrun_two_processes_follow_the_single_process_run(small, tmp_path):
+    """Two gloo processes share each global batch of 16: after a resumed torchrun run the
+    numbers equal one process's up to float noise, and one set of outputs is written."""
+    common = ["--data-dir", small, "--kl-weight", 1, "--batch-size", 16, "--out", tmp_path / "two"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                str(SCRIPT)]
+    for extra in (["--epochs", 1], ["--epochs", 2, "--resume"]):
+        result = subprocess.run(torchrun + [str(a) for a in common + extra], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("done in") == 1 and "resuming from epoch 1" in result.stdout
+    assert "2 processes" in result.stdout
+    single = run_script("--data-dir", small, "--kl-weight", 1, "--batch-size", 16, "--epochs", 2,
+                        "--out", tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    assert files_under(tmp_path / "two") == files_under(tmp_path / "one")
+    two, one = (without_timing(tmp_path / name / "metrics.json")["runs"][0] for name in ("two", "one"))
+    for a, b in zip(two["history"] + [two], one["history"] + [one]):
+        for key in ("neg_elbo", "recon", "kl", "mse"):
+            assert a["test"][key] == pytest.approx(b["test"][key], rel=1e-4, abs=1e-3), key
+
+
 # --------------------------------------------------------------------------------------
 # Bad input: one line, exit code 2, nothing written
 # --------------------------------------------------------------------------------------
