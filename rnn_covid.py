@@ -6,9 +6,13 @@ load either CSV layout -> daily differences -> Pearson correlations between coun
 the set C of strongly correlated countries -> sliding windows of length L -> RNN, LSTM and
 GRU classifiers over several seeds, next to naive baselines on the same test windows ->
 a sweep over L -> P(rise tomorrow) for every country on a world map -> REPORT.md.
-Splits are by time (test: the last --test-days label days; validation: the --val-days before);
-the model is chosen on validation. Training skips windows averaging under --min-mean new cases
-a day (countries with no epidemic yet); validation and test keep every window.
+Splits are by time (test: the last --test-days label days; validation: the --val-days before).
+Every choice is made on validation: the model, the strongest naive baseline it is compared
+with, and the default settings (bench/grid_rnn_covid.py, results in docs/rnn_covid_grid.md).
+The verdict's word follows a 95% interval from a bootstrap over the test days. Training skips
+windows averaging under --min-mean new cases a day (countries with no epidemic yet);
+validation and test keep every window. A large series trains on mini-batches with the same
+budget of optimiser steps; the (model, seed, L) trainings run --jobs at a time.
 
 Run:
     python rnn_covid.py                              # default preset, all three models
@@ -20,7 +24,8 @@ Run:
 Writes under --out (default figures/rnn_covid/), every file atomically: REPORT.md,
 metrics.json, corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png,
 L_sweep.png, world_map.html, world_map.png (needs Chrome/Chromium), world_probabilities.csv.
-Bad input ends with one line on stderr and exit code 2, nothing written.
+Bad input ends with one line on stderr and exit code 2, nothing written; Ctrl-C or SIGTERM
+with exit code 130 and a line naming what was written. Details: docs/rnn_covid.md.
 
 Reading order: Config, then the method in pipeline order (data -> correlations and C ->
 windows and labels -> model -> training -> baselines and metrics), then `run()`, the list of
