@@ -1620,9 +1620,10 @@ def report_verdict(m):
     chosen, naive = v["model"], v["baseline"]
     acc = m["summary"][f"{chosen}@L{cfg['L']}"]
     bal, lr = v["balanced_accuracy"], v["logistic_regression"]
-    spread = f"sample std {_fmt(acc['accuracy']['std'])}" if acc["seeds"] > 1 else "one seed"
+    spread = (f"mean over {acc['seeds']} seeds; sample std {_fmt(acc['accuracy']['std'])}"
+              if acc["seeds"] > 1 else "one seed")
     return [f"**Verdict.** The {_model_name(chosen, m)} reaches a test accuracy of "
-            f"{_fmt(acc['accuracy']['mean'])} (mean over {_n(acc['seeds'], 'seed')}; {spread}) against "
+            f"{_fmt(acc['accuracy']['mean'])} ({spread}) against "
             f"{_fmt(base[naive]['accuracy'])} for {naive}, a gap of "
             f"{_gap_cell(acc['accuracy']['mean'], base[naive]['accuracy'], v)} points: it "
             f"{verdict_phrase(v['claim'], naive)}. In balanced accuracy "
