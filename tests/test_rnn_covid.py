@@ -283,6 +283,16 @@ def test_without_early_stopping_the_last_step_is_kept():
     assert kept == 4 and len(curves["val_loss"]) == 4
 
 
+def test_batch_grows_to_mini_batches_only_for_large_training_sets():
+    cfg = rc.build_config([])
+    assert rc.batch_size_for(94, cfg) == 94 and rc.batch_size_for(2048, cfg) == 2048  # full batch
+    assert rc.batch_size_for(69519, cfg) == 512
+    assert rc.batch_size_for(69519, rc.build_config(["--batch-size", "64"])) == 64
+    assert rc.evaluation_steps(94, 94, 4) == [1, 2, 3, 4]  # full batch: every step
+    assert rc.evaluation_steps(69519, 512, 25) == [10, 20, 25]  # mini-batches: every 10 steps
+    assert rc.evaluation_steps(3000, 512, 14) == [6, 12, 14]  # or every pass, if sooner
+
+
 def test_model_is_chosen_on_validation_not_test():
     cfg = rc.build_config(["--seeds", "2"])
     runs = {("rnn", 10, 1): (0.70, 0.55), ("rnn", 10, 2): (0.68, 0.56),
@@ -599,13 +609,17 @@ def check_outputs(out, model):
     assert entries == [(model, 10, 1), (model, 10, 2), (model, 3, 1)]
     assert set(m["sweep_baselines"]) == {"3", "10"}
     assert m["sweep_baselines"]["10"] == {k: v["accuracy"] for k, v in m["baselines"].items()}
+    v = m["verdict"]
+    assert v["claim"] == rc.claim(*v["ci95"]) and v["ci95"][0] <= v["gap"] <= v["ci95"][1]
+    assert v["baseline"] == "anti-persistence" and m["map_model"]["model"] == v["model"]
     assert m["map"]["countries_total"] == 185
     assert m["map"]["countries_mapped"] + len(m["map"]["excluded"]) == 185
     assert set(m["map"]["excluded"]) == {"Diamond Princess", "MS Zaandam"}
     report = (out / "REPORT.md").read_text()
     assert "Excluded non-countries: Diamond Princess, MS Zaandam." in report
     probs = pd.read_csv(out / "world_probabilities.csv")
-    assert len(probs) == 185
+    assert len(probs) == 185 and probs["in_C"].sum() == 55
+    assert probs.set_index("country").loc["Diamond Princess", "low_activity"]  # no new case in its last days
     return m
 
 
@@ -631,6 +645,8 @@ def test_end_to_end_one_model(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = check_outputs(out, "lstm")
     assert m["map"]["png"] is None and m["map"]["png_skipped_reason"]
+    report = (out / "REPORT.md").read_text()
+    assert "**LSTM** (the only model trained)" in report and "(chosen on validation)" not in report
 
 
 @needs_assignment
