@@ -1,16 +1,19 @@
-"""Training images/s of vae_anime.py's default model: our cached-tensor data path against the
-common torchvision ImageFolder + DataLoader pipeline that decodes and resizes every image each
-epoch. Same model, batch size, optimiser and machine, measured in one run; printed as a ratio.
+"""Quality per second of vae_anime.py's training step: today's settings against the new ones,
+for the same wall-clock budget, side by side in one run.
 
-    python bench/bench_vae_anime.py [--steps 60] [--loader-workers 2]
+    python bench/bench_vae_anime.py [--budget 60] [--slice 5] [--out figures/bench/vae_anime]
 
-Our path is timed from an empty cache, so the one-off decode is reported too (later runs load
-the cache in well under a second).
+Every contestant trains λ = 1 from the same seed and initial weights on the default data for
+`--budget` seconds of training time. The contestants take turns in slices of `--slice` seconds,
+so a change in the machine's load (the build machine is shared) hits all of them alike. For
+each: images/s, achieved GFLOP/s against the float32 and bfloat16 matrix-multiply peaks
+measured in the same run, and the held-out negative ELBO (float32) reached. Writes
+results.md, results.json and samples_side_by_side.png (generated samples only) into --out.
 """
 import argparse
+import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,104 +21,171 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import vae_anime  # noqa: E402  (first: it sets the OpenMP wait policy before torch starts)
 
+import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision import datasets, transforms  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+# (name, batch size, learning rate, step, bfloat16 autocast); "today" is the step of
+# vae_anime.py before the change (plain Adam, three host syncs per step), "new" is
+# vae_anime.train_step.
+CONTESTANTS = [
+    ("today: Adam, float32, host syncs every step", 64, 1e-3, "today", False),
+    ("new: fused Adam, no per-step sync, float32", 64, 1e-3, "new", False),
+    ("new + bfloat16 autocast", 64, 1e-3, "new", True),
+    ("new, batch 128", 128, 1e-3, "new", False),
+    ("new, batch 128, lr 2e-3", 128, 2e-3, "new", False),
+    ("new, batch 256", 256, 1e-3, "new", False),
+]
+SOLO = vae_anime.Ranks()
 
 
-def train_step(model, opt, x, noise_gen):
-    noise = torch.randn((len(x), model.to_moments.out_features // 2), generator=noise_gen)
-    logits, mu, logvar = model(x, noise)
+def today_step(run, images, batch, ranks):
+    """The training step as vae_anime.py had it: plain Adam, a NaN check and sums read back
+    to the host every step."""
+    s = run["settings"]
+    x = vae_anime.to_float(images[batch])
+    noise = torch.randn((len(x), s["latent_dim"]), generator=run["noise_gen"])
+    logits, mu, logvar = run["net"](x, noise)
     recon, kl = vae_anime.loss_terms(logits, x, mu, logvar)
-    loss = (recon + kl).mean()
-    opt.zero_grad(set_to_none=True)
+    loss = (recon + s["kl_weight"] * kl).mean()
+    value = loss.item()
+    if value != value:
+        raise RuntimeError("the loss became NaN")
+    run["optimizer"].zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
+    run["optimizer"].step()
+    return torch.tensor([value * len(x), recon.detach().sum().item(), kl.detach().sum().item()])
 
 
-def time_steps(batches, steps, warmup, image_size):
-    """Run `warmup + steps` training steps; returns (seconds, seconds waiting for data) of the
-    timed ones. `batches` yields float batches and is consumed lazily, so waiting is measured."""
-    torch.manual_seed(0)
-    model = vae_anime.VAE(128, image_size)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    noise_gen = torch.Generator().manual_seed(1)
-    total = data = 0.0
-    for i in range(warmup + steps):
+class Contestant:
+    """One setting's run: its model, optimiser, position in the epoch and time spent."""
+
+    def __init__(self, name, batch_size, lr, kind, bf16, data_key):
+        self.name, self.batch_size, self.lr = name, batch_size, lr
+        settings = {"kl_weight": 1.0, "seed": 0, "image_size": 32, "latent_dim": 128,
+                    "batch_size": batch_size, "lr": lr, "test_fraction": 0.1, "amp": bf16,
+                    "device": "cpu"}
+        self.run = vae_anime.new_run(settings, data_key, torch.device("cpu"), SOLO)
+        if kind == "today":
+            self.run["optimizer"] = torch.optim.Adam(self.run["model"].parameters(), lr=lr)
+        self.step = today_step if kind == "today" else vae_anime.train_step
+        self.seconds, self.images, self.epoch, self.position, self.order = 0.0, 0, 0, 0, None
+
+    def train_for(self, seconds, images, train_idx):
+        """Steps until `seconds` have passed; full batches only, epochs as in the script."""
+        self.run["net"].train()
         start = time.perf_counter()
-        x = next(batches)
-        got = time.perf_counter()
-        train_step(model, opt, x, noise_gen)
-        if i >= warmup:
-            total += time.perf_counter() - start
-            data += got - start
-    return total, data
+        while time.perf_counter() - start < seconds:
+            if self.order is None or self.position + self.batch_size > len(self.order):
+                self.order = train_idx[vae_anime.epoch_order(len(train_idx), 0, self.epoch)]
+                self.epoch, self.position = self.epoch + 1, 0
+            batch = self.order[self.position:self.position + self.batch_size]
+            self.step(self.run, images, batch, SOLO)
+            self.position += self.batch_size
+            self.images += self.batch_size
+        self.seconds += time.perf_counter() - start
 
 
-def cached_batches(images, batch_size, seed=0):
-    """Our path: random batches sliced from the uint8 tensor and scaled, epoch after epoch."""
-    epoch = 0
-    while True:
-        order = vae_anime.epoch_order(len(images), seed, epoch)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield vae_anime.to_float(images[order[i:i + batch_size]])
-        epoch += 1
+def matmul_peak(dtype, n=1024, seconds=1.5):
+    """GFLOP/s of a square matrix multiply, the best of repeated timed bursts."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
 
 
-def imagefolder_batches(data_dir, image_size, batch_size, workers):
-    """The common approach: ImageFolder + DataLoader, decode + resize + ToTensor per image."""
-    root = Path(tempfile.mkdtemp(prefix="bench-imagefolder-"))
-    (root / "faces").symlink_to(data_dir.resolve())      # ImageFolder wants one class folder
-    dataset = datasets.ImageFolder(root, transform=transforms.Compose([
-        transforms.Resize((image_size, image_size), antialias=True), transforms.ToTensor()]))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)
-    while True:
-        for x, _ in loader:
-            yield x
+def training_flops_per_image(batch_size=64):
+    """Forward plus backward FLOPs of one training image, counted by torch's FLOP counter."""
+    model = vae_anime.VAE()
+    x = torch.rand(batch_size, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        logits, mu, logvar = model(x, torch.randn(batch_size, 128))
+        recon, kl = vae_anime.loss_terms(logits, x, mu, logvar)
+        (recon + kl).mean().backward()
+    return counter.get_total_flops() / batch_size
+
+
+def samples_figure(contestants, z, path):
+    fig, axes = plt.subplots(1, len(contestants), figsize=(3.3 * len(contestants), 3.8))
+    for ax, c in zip(axes, contestants):
+        pictures = vae_anime.run_pictures(c.run["model"], torch.zeros(0, 3, 32, 32), z)
+        vae_anime.show_grid(ax, pictures["samples"][:36], 6,
+                            f"{c.name}\nbatch {c.batch_size}: neg-ELBO {c.neg_elbo:,.1f}")
+        ax.title.set_fontsize(7)
+    fig.suptitle("λ = 1 samples from the same z after the same training time", fontsize=10)
+    vae_anime.save_figure_atomically(fig, path)
+
+
+def results_table(contestants, flops, peaks, n_train):
+    base = contestants[0]
+    lines = ["| setting | batch | lr | images/s | vs today | GFLOP/s | % fp32 peak | % bf16 peak "
+             "| epochs | held-out neg-ELBO |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in contestants:
+        rate = c.images / c.seconds
+        gflops = rate * flops / 1e9
+        lines.append(f"| {c.name} | {c.batch_size} | {c.lr:g} | {rate:,.0f} | {rate / (base.images / base.seconds):.2f}x "
+                     f"| {gflops:,.0f} | {100 * gflops / peaks['float32']:.0f}% "
+                     f"| {100 * gflops / peaks['bfloat16']:.0f}% | {c.images / n_train:.2f} "
+                     f"| {c.neg_elbo:,.1f} |")
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=ROOT / vae_anime.DEFAULT_DATA_DIR)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=vae_anime.parse_args([]).batch_size)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--budget", type=float, default=60, help="training seconds per setting (default: 60)")
+    p.add_argument("--slice", type=float, default=5, help="seconds per turn (default: 5)")
+    p.add_argument("--only", type=lambda t: [int(i) for i in t.split(",")], default=None,
+                   help="comma-separated indices of the settings to run (default: all)")
+    p.add_argument("--out", type=Path, default=ROOT / "figures" / "bench" / "vae_anime")
     args = p.parse_args()
+    vae_anime.setup_logging()
+    cfg = vae_anime.Config()
     try:
-        vae_anime.list_image_files(args.data_dir)
+        images, info = vae_anime.load_images(ROOT / cfg.data_dir, 32, ROOT / cfg.cache_folder, cfg.workers)
     except vae_anime.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    print(f"default model, batch {args.batch_size}, {args.image_size}px, {args.steps} timed "
-          f"steps after {args.warmup} warm-up steps each")
-
-    with tempfile.TemporaryDirectory() as cache:
-        start = time.perf_counter()
-        images, info = vae_anime.load_images(args.data_dir, args.image_size, Path(cache),
-                                             workers=min(2, os.cpu_count() or 1))
-        decode_s = time.perf_counter() - start
-    ours, ours_data = time_steps(cached_batches(images, args.batch_size), args.steps,
-                                 args.warmup, args.image_size)
-    plain, plain_data = time_steps(
-        imagefolder_batches(args.data_dir, args.image_size, args.batch_size, args.loader_workers),
-        args.steps, args.warmup, args.image_size)
-
-    n = args.steps * args.batch_size
-    print(f"\n{'pipeline':<44} {'images/s':>9} {'data share of a step':>21}")
-    print(f"{'ours: cached uint8 tensor, sliced per batch':<44} {n / ours:9.0f} "
-          f"{100 * ours_data / ours:20.2f}%")
-    print(f"{'ImageFolder + DataLoader (' + str(args.loader_workers) + ' workers)':<44} "
-          f"{n / plain:9.0f} {100 * plain_data / plain:20.2f}%")
-    print(f"\nratio ours / plain: {plain / ours:.2f}x (target >= 2x); our data path is "
-          f"{100 * ours_data / ours:.2f}% of a training step (target < 10%)")
-    print(f"one-off decode of {info['images']} images into the cache: {decode_s:.1f} s "
-          f"({info['images'] / decode_s:.0f} images/s)")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    vae_anime.seed_everything(0)
+    train_idx, test_idx = vae_anime.split_indices(len(images), 0.1, 0)
+    load = [os.getloadavg()[0]]
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    flops = training_flops_per_image()
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{len(train_idx)} training images; {flops / 1e6:.0f} MFLOP per training image; "
+          f"matmul peaks {peaks['float32']:.0f} (fp32) / {peaks['bfloat16']:.0f} (bf16) GFLOP/s; "
+          f"load {load[0]:.2f}", flush=True)
+    specs = [CONTESTANTS[i] for i in args.only] if args.only else CONTESTANTS
+    contestants = [Contestant(*spec, info["key"]) for spec in specs]
+    while any(c.seconds < args.budget for c in contestants):
+        for c in contestants:
+            if c.seconds < args.budget:
+                c.train_for(min(args.slice, args.budget - c.seconds), images, train_idx)
+        load.append(os.getloadavg()[0])
+        print(f"  {min(c.seconds for c in contestants):.0f}/{args.budget:.0f} s each, load {load[-1]:.2f}",
+              flush=True)
+    for c in contestants:
+        c.neg_elbo = vae_anime.evaluate(c.run["model"], images, test_idx, 1.0, 0)["neg_elbo"]
+    after = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    peaks = {k: max(v, after[k]) for k, v in peaks.items()}
+    table = results_table(contestants, flops, peaks, len(train_idx))
+    note = (f"Budget {args.budget:.0f} s of training per setting, taken in turns of {args.slice:.0f} s; "
+            f"load average {min(load):.2f} to {max(load):.2f} on {os.cpu_count()} CPUs; "
+            f"matmul peaks {peaks['float32']:.0f} GFLOP/s (fp32), {peaks['bfloat16']:.0f} (bf16); "
+            f"{flops / 1e6:.0f} MFLOP per training image (forward + backward).")
+    print("\n" + table + "\n\n" + note)
+    vae_anime.write_text_atomically(args.out / "results.md", table + "\n\n" + note + "\n")
+    vae_anime.write_text_atomically(args.out / "results.json", json.dumps(
+        {"peaks_gflops": peaks, "flops_per_image": flops, "load": load, "budget_s": args.budget,
+         "contestants": [{"name": c.name, "batch_size": c.batch_size, "lr": c.lr, "images": c.images,
+                          "seconds": c.seconds, "neg_elbo": c.neg_elbo} for c in contestants]},
+        indent=1) + "\n")
+    samples_figure(contestants, vae_anime.fixed_z(128, 0, torch.device("cpu")),
+                   args.out / "samples_side_by_side.png")
+    print(f"wrote {args.out}/results.md, results.json, samples_side_by_side.png")
     return 0
 
 

@@ -106,6 +106,12 @@ def test_flags_replace_preset_fields_and_the_config_is_frozen():
         cfg.epochs = 1
 
 
+def test_preset_long_is_a_replacement_that_flags_override():
+    cfg = vae_anime.parse_args(["--preset", "long", "--epochs", "5"])
+    assert cfg == dataclasses.replace(vae_anime.PRESETS["long"], epochs=5)
+    assert (cfg.image_size, cfg.out) == (64, Path("figures/vae_anime_long"))
+
+
 def test_every_flag_has_help_with_its_default():
     text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
                           cwd=ROOT, check=True).stdout
@@ -245,6 +251,39 @@ def test_architecture_table_reads_the_layers_from_the_module():
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
+
+
+def tiny_data(n=12):
+    images = (torch.rand(n, 3, 32, 32) * 255).to(torch.uint8)
+    train_idx, test_idx = vae_anime.split_indices(n, 0.25, seed=0)
+    return vae_anime.Data(images, train_idx, test_idx, {"key": "k"}, None, None, None, None)
+
+
+def tiny_run(amp=False, lr=1e-3):
+    settings = {"kl_weight": 1.0, "seed": 0, "image_size": 32, "latent_dim": 8, "batch_size": 4,
+                "lr": lr, "lr_decay": 1.0, "test_fraction": 0.25, "amp": amp,
+                "device": "cpu"}
+    return vae_anime.new_run(settings, "k", torch.device("cpu"), vae_anime.Ranks())
+
+
+def test_bfloat16_training_step_runs_on_the_cpu_and_changes_the_weights():
+    data, run = tiny_data(), tiny_run(amp=True)
+    before = [p.detach().clone() for p in run["model"].parameters()]
+    sums = vae_anime.train_step(run, data.images, data.train_idx[:4], vae_anime.Ranks())
+    assert sums.dtype == torch.float64 and torch.isfinite(sums).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, run["model"].parameters()))
+    assert all(p.dtype == torch.float32 for p in run["model"].parameters())
+
+
+def test_train_epoch_sums_match_a_recount_and_a_diverging_epoch_is_not_saved(tmp_path):
+    data, run = tiny_data(), tiny_run()
+    stats = vae_anime.train_epoch(run, data, vae_anime.Ranks(), [])
+    assert run["partial"]["n"] == len(data.train_idx) and run["step"] == 3
+    assert stats["objective"] == pytest.approx(stats["recon"] + stats["kl"], rel=1e-6)
+    wild = tiny_run(lr=1e30)
+    with pytest.raises(vae_anime.UserError, match="training diverged.*no checkpoint was written"):
+        vae_anime.train(wild, data, 2, vae_anime.Ranks(), tmp_path / "c.pt", [])
+    assert not (tmp_path / "c.pt").exists()
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
