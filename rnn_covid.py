@@ -45,6 +45,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -1122,8 +1123,12 @@ def plot_correlations(corr_first10, corr_C, out):
     ax.set_title("Correlation of daily new cases: first 10 countries\n(blank: zero variance)")
     save_figure_atomically(fig, out / "corr_first10.png")
     size = min(4 + 0.18 * len(corr_C), 24)
-    grid = sns.clustermap(corr_C, cmap="vlag", vmin=-1, vmax=1, figsize=(size, size),
-                          xticklabels=True, yticklabels=True, cbar_kws={"label": "Pearson r"})
+    with warnings.catch_warnings():
+        # seaborn suggests the optional fastcluster package from 50 countries on; scipy takes a
+        # second here, and a successful run keeps stderr empty.
+        warnings.filterwarnings("ignore", message="Clustering large matrix", category=UserWarning)
+        grid = sns.clustermap(corr_C, cmap="vlag", vmin=-1, vmax=1, figsize=(size, size),
+                              xticklabels=True, yticklabels=True, cbar_kws={"label": "Pearson r"})
     grid.ax_heatmap.tick_params(labelsize=7)
     grid.fig.suptitle(f"Clustered correlations of the {len(corr_C)} countries of C", y=1.01)
     save_figure_atomically(grid.fig, out / "corr_C_clustered.png")
@@ -1512,8 +1517,10 @@ def _mean_std(e):
 
 
 def _points(x):
-    """A difference of accuracies in points, signed: +2.7, −0.6."""
-    return f"{100 * x:+.1f}".replace("-", "−")
+    """A difference of accuracies in points, signed: +2.7, −0.6; a non-zero one that would
+    round to 0.0 gets two decimals, so that the sign the claim rests on stays visible."""
+    digits = 2 if x and round(100 * x, 1) == 0 else 1
+    return f"{100 * x:+.{digits}f}".replace("-", "−")
 
 
 def _gap_cell(shown_model, shown_base, interval):

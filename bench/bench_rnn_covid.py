@@ -54,14 +54,22 @@ def show(name, r):
           f"[{r['verdict']['ci95'][0]:+.3f}, {r['verdict']['ci95'][1]:+.3f}] ({r['verdict']['claim']})", flush=True)
 
 
+def makespan(durations, workers):
+    """Wall time of independent trainings on `workers` processes, longest first (as the script)."""
+    free = [0.0] * workers
+    for d in sorted(durations, reverse=True):
+        free[free.index(min(free))] += d
+    return max(free)
+
+
 def report_estimate(tmp, steps):
     """The report preset run for `steps` steps per model, extrapolated to its full budget."""
     r = timed_run(["--preset", "report", "--steps", str(steps)], Path(tmp) / "report")
     per_step = {k.split("@")[0]: v / steps for k, v in r["runs_s"].items()}
     full = dict(rnn_covid.PRESETS["report"].steps)
-    overhead = r["wall_s"] - sum(r["runs_s"].values())
-    estimate = overhead + sum(per_step[c] * full[c] for c in per_step)
-    print(f"report preset: about {estimate:.0f} s, extrapolated from {steps} steps per model "
+    overhead = r["wall_s"] - makespan(r["runs_s"].values(), r["jobs"])
+    estimate = overhead + makespan([per_step[c] * full[c] for c in per_step], r["jobs"])
+    print(f"report preset: about {estimate:.0f} s with --jobs {r['jobs']}, extrapolated from {steps} steps per model "
           f"(per step: {', '.join(f'{c} {v:.2f} s' for c, v in per_step.items())})", flush=True)
     return {"steps_run": steps, "wall_s_measured": r["wall_s"], "wall_s_estimate": round(estimate, 1),
             "per_step_s": {c: round(v, 3) for c, v in per_step.items()}}

@@ -429,6 +429,8 @@ def test_each_verdict_branch(word, phrase):
 def test_gap_in_words_is_the_difference_of_the_numbers_shown():
     # 0.629394 and 0.601818 are shown as 0.629 and 0.602: the gap shown is 2.7, not 2.8.
     assert rc._gap_cell(0.629394, 0.601818, {"ci95": [-0.006, 0.06]}) == "+2.7 [−0.6, +6.0]"
+    # An interval end just below 0 keeps its sign visible: "−0.0" would hide why it is not "beats".
+    assert rc._gap_cell(0.812, 0.793, {"ci95": [-0.000422, 0.036709]}) == "+1.9 [−0.04, +3.7]"
 
 
 def test_markdown_table_helper():
