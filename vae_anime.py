@@ -1107,10 +1107,11 @@ Active units follow Burda et al. (2016): a latent dimension d is active when the
 all test images of its posterior mean, Var_x(E_q[z_d]), exceeds {ACTIVE_UNIT_VARIANCE}
 (figure `lambda_<λ>_active_units.png`). "KL-active dims" is a different count: dimensions whose
 KL(q(z_d|x) ‖ N(0, 1)), averaged over the test images, exceeds {KL_ACTIVE_NATS} nats
-(figure `lambda_<λ>_kl_per_dim.png`). A dimension can carry KL without being active (a posterior
-variance that differs from 1 while its mean stays put), so the second count can be the larger.
-Training used {"bfloat16 autocast" if metrics["timing"]["bf16_autocast"] else "float32"}; every
-test number is computed in float32.
+(figure `lambda_<λ>_kl_per_dim.png`). The two need not agree: a dimension can carry KL without
+being active (a posterior variance away from 1 while its mean stays put), and one whose mean
+varies just above the threshold carries less than {KL_ACTIVE_NATS} nats. Training used
+{"bfloat16 autocast" if metrics["timing"]["bf16_autocast"] else "float32"}; every test number is
+computed in float32.
 """
 
 
