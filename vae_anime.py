@@ -8,22 +8,23 @@ What it does
     Every λ gets the same seed, split, initial weights and epochs.
 
 How to run
-    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: about 8 min)
+    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: 8-11 min)
     python vae_anime.py --kl-weight 1 --epochs 3 # one λ
     python vae_anime.py --resume                 # continue interrupted runs from their checkpoints
-    python vae_anime.py --device cuda --amp      # GPU, bfloat16 autocast
+    python vae_anime.py --preset long            # 64×64, 100 epochs: for a GPU (bfloat16 there)
+    torchrun --nproc_per_node=N vae_anime.py     # one VAE per λ, data-parallel over N processes
     python vae_anime.py --help                   # every flag, its default and what each preset sets
 
 What it writes (all into --out, default figures/vae_anime/)
-    REPORT.md, metrics.json,
-    lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,kl_per_dim}.png,
-    lambda_comparison.png, checkpoints/lambda_<λ>.pt (everything needed to resume),
-    cache/images_<size>px.pt (the decoded images; rebuilt when the files or the size change).
+    REPORT.md, metrics.json, lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,
+    active_units,kl_per_dim}.png, lambda_comparison.png, checkpoints/lambda_<λ>.pt (everything
+    needed to resume), cache/images_<size>px.pt (the decoded images; rebuilt when the files or
+    the size change). Under torchrun only rank 0 writes.
 Every file is written to a temporary name and renamed into place, so none is ever half-written.
-Bad input (missing data, unreadable images, NaN loss, unwritable --out, invalid flags) stops
-with one line naming the problem and its fix, exit code 2. The first Ctrl-C (or SIGTERM) stops
-between two training steps, saves a checkpoint, writes the figures so far and exits 130; a
-second one stops at once without saving.
+Bad input (missing data, unreadable images, unwritable --out, invalid flags) and a diverging
+loss stop with one line naming the problem and its fix, exit code 2. The first Ctrl-C (or
+SIGTERM) stops between two training steps, saves a checkpoint, writes the figures so far and
+exits 130; a second one stops at once without saving.
 """
 import argparse
 import contextlib
