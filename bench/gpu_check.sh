@@ -31,10 +31,14 @@ timed() {  # timed NAME OUT_FOLDER COMMAND...: run, record wall time, keep the l
     echo "|---|---|---|"
 } >"$results"
 
-timed rnn_smoke "$out_dir/rnn_smoke" "$py" rnn_covid.py --device cuda --seeds 1 --sweep-L "" --epochs 5
-timed vae_smoke "$out_dir/vae_smoke" "$py" vae_anime.py --device cuda --kl-weights 1 --epochs 1
-timed vae_smoke_amp "$out_dir/vae_smoke_amp" "$py" vae_anime.py --device cuda --kl-weights 1 --epochs 1 --amp
+timed rnn_smoke "$out_dir/rnn_smoke" "$py" rnn_covid.py --device cuda --seeds 1 --sweep-L "" --steps 5
+timed vae_smoke "$out_dir/vae_smoke" "$py" vae_anime.py --device cuda --kl-weights 1 --epochs 1 --amp off
+timed vae_smoke_amp "$out_dir/vae_smoke_amp" "$py" vae_anime.py --device cuda --kl-weights 1 --epochs 1 --amp on
+# DistributedDataParallel with NCCL: one process per GPU.
+timed vae_torchrun_nccl "$out_dir/vae_torchrun" "$py" -m torch.distributed.run --standalone \
+    --nproc_per_node="$("$py" -c 'import torch; print(torch.cuda.device_count())')" \
+    vae_anime.py --device cuda --kl-weights 1 --epochs 1
 timed rnn_report_preset "$out_dir/rnn_report" "$py" rnn_covid.py --device cuda --preset report
-timed vae_default "$out_dir/vae_default" "$py" vae_anime.py --device cuda
-timed vae_default_amp "$out_dir/vae_default_amp" "$py" vae_anime.py --device cuda --amp
+timed vae_default "$out_dir/vae_default" "$py" vae_anime.py --device cuda --amp off
+timed vae_default_amp "$out_dir/vae_default_amp" "$py" vae_anime.py --device cuda --amp on
 cat "$results"
