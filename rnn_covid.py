@@ -737,12 +737,22 @@ def train_all(datasets, cfg, device):
     # Longest first, so that no worker is left with a long training at the end.
     order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _start_worker, (datasets, cfg, device)) as pool:
+    # Ctrl-C or SIGTERM while the workers are forked would raise inside an at-fork hook, where
+    # Python prints the exception and carries on: hold them until the pool stands.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        pool = multiprocessing.get_context(method).Pool(workers, _start_worker, (datasets, cfg, device))
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    with pool:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held signal lands here
         results = dict(zip(order, pool.map(_worker_train, order, chunksize=1)))
     return {job: results[job] for job in jobs}
 
 
 _WORKER = {}  # a worker process's datasets, config and device
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _start_worker(datasets, cfg, device):
@@ -750,6 +760,7 @@ def _start_worker(datasets, cfg, device):
     # reacted too would only add tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)  # held by the parent while forking
     torch.set_num_threads(1)
     _WORKER.update(datasets=datasets, cfg=cfg, device=device)
 
