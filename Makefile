@@ -7,7 +7,7 @@ export DATA_MIRROR
 # Spin-waiting OpenMP threads slow torch 10-20x whenever another process shares the cores.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test data bench venv clean
+.PHONY: run test data bench grid venv clean
 
 run: venv data
 	$(PY) rnn_covid.py
@@ -27,9 +27,15 @@ data/topojson/world_110m.json:
 		&& mkdir -p data/topojson && cp $$tmp/package/dist/*.json data/topojson/ && rm -rf $$tmp; \
 	else echo "note: npm not found; the world map will fetch country shapes from plotly's CDN"; fi
 
+# Speed: rnn_covid --jobs 1 against the default; the VAE step, old against new, at equal wall clock.
 bench: venv data
 	$(PY) bench/bench_rnn_covid.py
 	$(PY) bench/bench_vae_anime.py
+
+# The validation grids behind rnn_covid's defaults (writes docs/rnn_covid_grid*.md; ~20 min).
+grid: venv data
+	$(PY) bench/grid_rnn_covid.py
+	$(PY) bench/grid_rnn_covid.py --jhu
 
 venv: $(VENV)/.installed
 
