@@ -77,11 +77,11 @@ def assignment_data(cfg):
 
 def test_config_is_the_preset_with_the_given_flags_replaced():
     cfg = rc.build_config(["--hidden", "8", "--model", "gru", "--steps", "5", "--seeds", "2"])
-    assert cfg.hidden == 8 and cfg.models == ("gru",) and cfg.steps_for("lstm") == 5
+    assert cfg.hidden == 8 and cfg.models == ("gru",) and dict(cfg.steps)["lstm"] == 5
     assert cfg.sweep_seeds == 2  # follows --seeds unless given
     assert cfg.lr == rc.DEFAULT.lr and cfg.L == 10
     report = rc.build_config(["--preset", "report", "--lr", "0.5"])
-    assert (report.layers, report.hidden, report.lr, report.steps_for("rnn")) == (2, 510, 0.5, 1000)
+    assert (report.layers, report.hidden, report.lr, dict(report.steps)["rnn"]) == (2, 510, 0.5, 1000)
     assert report.early_stop is False and report.sweep_L == ()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden = 16
@@ -100,7 +100,8 @@ def test_every_flag_has_help_naming_its_default_and_the_report_preset_value():
 
 def test_config_record_is_plain_json():
     record = rc.config_record(rc.build_config([]))
-    assert record["steps"] == {"rnn": 150, "lstm": 150, "gru": 150}
+    assert record["steps"] is None and record["weight_decay"] is None  # automatic, by data size
+    assert rc.config_record(rc.build_config(["--steps", "5"]))["steps"] == {"rnn": 5, "lstm": 5, "gru": 5}
     assert record["sweep_L"] == [3, 5, 7, 10, 14] and record["data"] == "data/covid_19.csv"
     json.dumps(record)
 
@@ -283,11 +284,16 @@ def test_without_early_stopping_the_last_step_is_kept():
     assert kept == 4 and len(curves["val_loss"]) == 4
 
 
-def test_batch_grows_to_mini_batches_only_for_large_training_sets():
+def test_large_training_sets_get_mini_batches_more_steps_and_less_weight_decay():
     cfg = rc.build_config([])
-    assert rc.batch_size_for(94, cfg) == 94 and rc.batch_size_for(2048, cfg) == 2048  # full batch
-    assert rc.batch_size_for(69519, cfg) == 512
-    assert rc.batch_size_for(69519, rc.build_config(["--batch-size", "64"])) == 64
+    small, edge, large = (rc.optimisation_for(n, "gru", cfg) for n in (94, 2048, 69519))
+    assert small == rc.Optimisation(batch=94, steps=150, weight_decay=1e-3) and edge.batch == 2048
+    assert large == rc.Optimisation(batch=512, steps=300, weight_decay=1e-4)
+    given = rc.build_config(["--batch-size", "64", "--steps", "20", "--weight-decay", "0"])
+    assert rc.optimisation_for(69519, "rnn", given) == rc.Optimisation(batch=64, steps=20, weight_decay=0.0)
+    assert rc.optimisation_for(30, "rnn", given).batch == 30
+    report = rc.build_config(["--preset", "report"])
+    assert rc.optimisation_for(69519, "lstm", report) == rc.Optimisation(batch=512, steps=500, weight_decay=0.0)
     assert rc.evaluation_steps(94, 94, 4) == [1, 2, 3, 4]  # full batch: every step
     assert rc.evaluation_steps(69519, 512, 25) == [10, 20, 25]  # mini-batches: every 10 steps
     assert rc.evaluation_steps(3000, 512, 14) == [6, 12, 14]  # or every pass, if sooner
@@ -649,6 +655,11 @@ def test_end_to_end_one_model(tmp_path):
     assert m["map"]["png"] is None and m["map"]["png_skipped_reason"]
     report = (out / "REPORT.md").read_text()
     assert "**LSTM** (the only model trained)" in report and "(chosen on validation)" not in report
+    # What each training got is recorded and said: --steps given, the rest set by the data size.
+    entry, train = m["models"][0], m["data"]["splits"]["train"]["windows"]
+    assert (entry["batch"], entry["steps"], entry["weight_decay"]) == (train, 3, 1e-3)
+    assert ("weight decay 0.001; LSTM 3 steps, each on the whole training set (full batch)" in report
+            and "--weight-decay, --batch-size not given: set by the training-set size" in report)
 
 
 @needs_assignment
