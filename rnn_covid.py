@@ -108,6 +108,17 @@ def setting(default, doc):
     return field(default=default, metadata={"doc": doc})
 
 
+# What the default preset does by training-set size (flags left unset); steps and weight decay
+# chosen on validation by bench/grid_rnn_covid.py, the batch for cost. Small (the assignment
+# file, 94 windows): the whole set every step, 150 steps, weight decay 1e-3. Large (the full
+# JHU series, about 70,000): mini-batches of 512, so a step costs no more than a small set's;
+# 300 steps, about two passes over the data; and weight decay 1e-4, as more data needs less
+# regularisation (docs/rnn_covid.md, "the full JHU series").
+AUTO_FULL_BATCH_MAX = 2048
+AUTO = {"small": dict(batch=None, steps=150, weight_decay=1e-3),
+        "large": dict(batch=512, steps=300, weight_decay=1e-4)}
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run. Built once from the command line (`build_config`); presets are
@@ -132,11 +143,15 @@ class Config:
     layers: int = setting(1, "recurrent layers")
     hidden: int = setting(64, "units per recurrent layer")
     lr: float = setting(0.01, "Adam learning rate")
-    weight_decay: float = setting(None, "Adam weight decay; none: 1e-3 up to 2,048 training windows, 1e-4 above")
-    steps: tuple = setting(None, "optimiser steps (Adam updates) per training, per model; none: 150 up to "
-                           "2,048 training windows, 300 above; in full-batch training a step is a pass over the data")
+    weight_decay: float = setting(None, "Adam weight decay; none: "
+                                  f"{AUTO['small']['weight_decay']:g} up to {AUTO_FULL_BATCH_MAX:,} training "
+                                  f"windows, {AUTO['large']['weight_decay']:g} above")
+    steps: tuple = setting(None, "optimiser steps (Adam updates) per training, per model; none: "
+                           f"{AUTO['small']['steps']} up to {AUTO_FULL_BATCH_MAX:,} training windows, "
+                           f"{AUTO['large']['steps']} above; in full-batch training a step is a pass over the data")
     early_stop: bool = setting(True, "keep the weights of the evaluation of lowest validation loss (else the last)")
-    batch_size: int = setting(0, "training windows per step; 0: all of them (full batch) up to 2,048, else 512")
+    batch_size: int = setting(0, f"training windows per step; 0: all of them (full batch) up to "
+                                 f"{AUTO_FULL_BATCH_MAX:,}, else {AUTO['large']['batch']}")
     seeds: int = setting(3, "seeds per model: seed, seed+1, ...")
     seed: int = setting(1, "first seed, 0 to 2**31-1 (numpy's seed must stay below 2**32)")
     sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, comma-separated; empty: no sweep")
@@ -597,16 +612,6 @@ class BestStep:
 
 
 EVAL_EVERY_MAX = 10  # mini-batch training is evaluated at least this often, in steps
-# What the default preset does by training-set size (flags left unset); steps and weight decay
-# chosen on validation by bench/grid_rnn_covid.py, the batch for cost. Small (the assignment file, 94 windows): the whole set every step,
-# 150 steps, weight decay 1e-3. Large (the full JHU series, about 70,000): mini-batches of 512, so
-# a step costs no more than a small set's; 300 steps, about two passes over the data; and weight
-# decay 1e-4, as more data needs less regularisation (docs/rnn_covid.md, "the full JHU series").
-AUTO_FULL_BATCH_MAX = 2048
-AUTO = {"small": dict(batch=None, steps=150, weight_decay=1e-3),
-        "large": dict(batch=512, steps=300, weight_decay=1e-4)}
-
-
 @dataclass(frozen=True)
 class Optimisation:
     batch: int  # training windows per step

@@ -135,7 +135,7 @@ class Config:
     latent_dim: int = setting(128, "dimensions of the latent z", positive_int)
     kl_weights: tuple = setting((1.0, 100.0, 0.0), "comma-separated KL weights λ, one model each",
                                 kl_weight_list)
-    epochs: int = setting(4, "passes over the training images per λ", positive_int)
+    epochs: int = setting(5, "passes over the training images per λ", positive_int)
     batch_size: int = setting(64, "images per optimisation step", positive_int)
     lr: float = setting(1e-3, "Adam learning rate of the first epoch", positive_float)
     lr_decay: float = setting(1.0, "factor applied to the learning rate after each epoch (1: constant)",
@@ -276,6 +276,13 @@ def decode_image(path, size):
         return None, False
 
 
+def _start_decoder():
+    # The parent turns Ctrl-C and SIGTERM into its own exit and ends the pool (with SIGTERM);
+    # a worker that inherited the parent's handlers would print a traceback for each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _decode_chunk(job):
     paths, size = job
     return [decode_image(path, size) for path in paths]
@@ -295,7 +302,7 @@ def decode_images(files, size, workers):
     # Workers only run PIL and numpy, so forking after torch has started is safe.
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                       else None)
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, _start_decoder) as pool:
         results = []
         for part in tqdm(pool.imap(_decode_chunk, [(c, size) for c in chunks]), total=len(chunks),
                          desc="decoding", leave=False, disable=None):
@@ -403,6 +410,47 @@ def fixed_z(latent_dim, seed, device):
 # ======================================================================================
 
 
+def kernel_taps(weight, top, h, left, w):
+    """weight[:, :, top:top+h, left:left+w] as a matrix (dim 0 × the rest); one gather instead
+    of two slices, whose gradients each cost a zero-filled copy of the whole kernel."""
+    kw = weight.shape[-1]
+    taps = torch.tensor([(top + i) * kw + left + j for i in range(h) for j in range(w)],
+                        device=weight.device)
+    return weight.flatten(2).index_select(2, taps).flatten(1)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, computed as one matrix multiply when its output is a single pixel."""
+    # The seed's deepest convolution maps 2×2 to 1×1 with a 4×4 kernel and padding 1: only the
+    # kernel's centre taps ever meet an image value, the rest multiply padding zeros. oneDNN
+    # still convolves all 16 taps; the same numbers as a product of the centre taps with the
+    # input took a third of the time of this layer and its mirror (docs/vae_anime.md, Speed).
+    def forward(self, x):
+        (kh, kw), (ph, pw), (h, w) = self.kernel_size, self.padding, x.shape[-2:]
+        plain = (self.groups, self.dilation, self.padding_mode) == (1, (1, 1), "zeros")
+        # One output pixel (side + 2·pad − kernel < stride) whose window holds the whole input
+        # (side + pad <= kernel); a kernel larger than the padded input is torch's error to raise.
+        one_pixel = all(n + p <= k <= n + 2 * p < k + s
+                        for n, p, k, s in zip((h, w), (ph, pw), (kh, kw), self.stride))
+        if not (plain and one_pixel):
+            return super().forward(x)
+        return F.linear(x.flatten(1), kernel_taps(self.weight, ph, h, pw, w), self.bias)[:, :, None, None]
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d, computed as one matrix multiply when its input is a single pixel."""
+    # The mirror of Conv2d's single-pixel case: 1×1 to 2×2, and only the centre taps reach the
+    # output that padding keeps.
+    def forward(self, x, output_size=None):
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        if (x.shape[-2:] != (1, 1) or output_size is not None or self.output_padding != (0, 0)
+                or (self.groups, self.dilation) != (1, (1, 1)) or kh <= 2 * ph or kw <= 2 * pw):
+            return super().forward(x, output_size)
+        h, w = kh - 2 * ph, kw - 2 * pw
+        out = (x.flatten(1) @ kernel_taps(self.weight, ph, h, pw, w)).unflatten(1, (-1, h, w))
+        return out if self.bias is None else out + self.bias[:, None, None]
+
+
 class VAE(nn.Module):
     """Stride-2 convolutions -> (μ, log σ²) of a Gaussian latent -> a mirrored decoder.
     The only place that knows the layers: the report and the image-size check read them here."""
@@ -411,7 +459,7 @@ class VAE(nn.Module):
         super().__init__()
         widths = (3, *channels)
         down = [m for c_in, c_out in zip(widths, widths[1:])
-                for m in (nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
+                for m in (Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
         self.encoder = nn.Sequential(*down, nn.Flatten())
         self.total_stride = math.prod(m.stride[0] for m in self.encoder if isinstance(m, nn.Conv2d))
         if image_size % self.total_stride:
@@ -421,7 +469,7 @@ class VAE(nn.Module):
         flat = channels[-1] * side * side
         self.to_moments = nn.Linear(flat, 2 * latent_dim)           # μ and log σ²
         up = [m for c_in, c_out in zip(widths[::-1], widths[::-1][1:])
-              for m in (nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
+              for m in (ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
         self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2),
                                      nn.Unflatten(1, (channels[-1], side, side)),
                                      *up[:-1])                      # logits of the Bernoulli means

@@ -26,17 +26,33 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 # (name, batch size, learning rate, step, bfloat16 autocast); "today" is the step of
-# vae_anime.py before the change (plain Adam, three host syncs per step), "new" is
-# vae_anime.train_step.
+# vae_anime.py before the change (torch's convolution modules, plain Adam, three host syncs per
+# step), "new" is vae_anime.train_step with the script's layers, "fused" the same step with
+# torch's convolution modules, to tell the two changes apart.
 CONTESTANTS = [
     ("today: Adam, float32, host syncs every step", 64, 1e-3, "today", False),
-    ("new: fused Adam, no per-step sync, float32", 64, 1e-3, "new", False),
+    ("fused Adam, no per-step sync, torch's convolutions", 64, 1e-3, "fused", False),
+    ("new: + single-pixel layers as matrix multiplies", 64, 1e-3, "new", False),
     ("new + bfloat16 autocast", 64, 1e-3, "new", True),
     ("new, batch 128", 128, 1e-3, "new", False),
     ("new, batch 128, lr 2e-3", 128, 2e-3, "new", False),
     ("new, batch 256", 256, 1e-3, "new", False),
 ]
 SOLO = vae_anime.Ranks()
+
+
+def with_torch_convolutions(model):
+    """The model with torch's own Conv2d / ConvTranspose2d in place of the script's subclasses
+    (same weights): the layers as they were before the single-pixel matrix multiply."""
+    for layers in (model.encoder, model.decoder):
+        for i, layer in enumerate(layers):
+            for ours, theirs in ((vae_anime.Conv2d, torch.nn.Conv2d),
+                                 (vae_anime.ConvTranspose2d, torch.nn.ConvTranspose2d)):
+                if type(layer) is ours:
+                    layers[i] = theirs(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                       layer.stride, layer.padding)
+                    layers[i].load_state_dict(layer.state_dict())
+    return model
 
 
 def today_step(run, images, batch, ranks):
@@ -66,8 +82,11 @@ class Contestant:
                     "batch_size": batch_size, "lr": lr, "test_fraction": 0.1, "amp": bf16,
                     "device": "cpu"}
         self.run = vae_anime.new_run(settings, data_key, torch.device("cpu"), SOLO)
-        if kind == "today":
-            self.run["optimizer"] = torch.optim.Adam(self.run["model"].parameters(), lr=lr)
+        if kind in ("today", "fused"):
+            self.run["model"] = self.run["net"] = with_torch_convolutions(self.run["model"])
+            self.run["optimizer"] = torch.optim.Adam(self.run["model"].parameters(), lr=lr,
+                                                     fused=kind == "fused")
+        self.flops = training_flops_per_image(self.run["model"], batch_size)
         self.step = today_step if kind == "today" else vae_anime.train_step
         self.seconds, self.images, self.epoch, self.position, self.order = 0.0, 0, 0, 0, None
 
@@ -98,14 +117,16 @@ def matmul_peak(dtype, n=1024, seconds=1.5):
     return best
 
 
-def training_flops_per_image(batch_size=64):
-    """Forward plus backward FLOPs of one training image, counted by torch's FLOP counter."""
-    model = vae_anime.VAE()
+def training_flops_per_image(model, batch_size):
+    """Forward plus backward FLOPs of one training image as `model` computes them, counted by
+    torch's FLOP counter (the single-pixel layers as matrix multiplies skip the products with
+    padding zeros that a convolution counts)."""
     x = torch.rand(batch_size, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         logits, mu, logvar = model(x, torch.randn(batch_size, 128))
         recon, kl = vae_anime.loss_terms(logits, x, mu, logvar)
         (recon + kl).mean().backward()
+    model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch_size
 
 
@@ -120,15 +141,15 @@ def samples_figure(contestants, z, path):
     vae_anime.save_figure_atomically(fig, path)
 
 
-def results_table(contestants, flops, peaks, n_train):
+def results_table(contestants, peaks, n_train):
     base = contestants[0]
-    lines = ["| setting | batch | lr | images/s | vs today | GFLOP/s | % fp32 peak | % bf16 peak "
-             "| epochs | held-out neg-ELBO |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | batch | lr | images/s | vs today | MFLOP/image | GFLOP/s | % fp32 peak | % bf16 peak "
+             "| epochs | held-out neg-ELBO |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in contestants:
         rate = c.images / c.seconds
-        gflops = rate * flops / 1e9
+        gflops = rate * c.flops / 1e9
         lines.append(f"| {c.name} | {c.batch_size} | {c.lr:g} | {rate:,.0f} | {rate / (base.images / base.seconds):.2f}x "
-                     f"| {gflops:,.0f} | {100 * gflops / peaks['float32']:.0f}% "
+                     f"| {c.flops / 1e6:.0f} | {gflops:,.0f} | {100 * gflops / peaks['float32']:.0f}% "
                      f"| {100 * gflops / peaks['bfloat16']:.0f}% | {c.images / n_train:.2f} "
                      f"| {c.neg_elbo:,.1f} |")
     return "\n".join(lines)
@@ -153,9 +174,8 @@ def main():
     train_idx, test_idx = vae_anime.split_indices(len(images), 0.1, 0)
     load = [os.getloadavg()[0]]
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
-    flops = training_flops_per_image()
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{len(train_idx)} training images; {flops / 1e6:.0f} MFLOP per training image; "
+          f"{len(train_idx)} training images; "
           f"matmul peaks {peaks['float32']:.0f} (fp32) / {peaks['bfloat16']:.0f} (bf16) GFLOP/s; "
           f"load {load[0]:.2f}", flush=True)
     specs = [CONTESTANTS[i] for i in args.only] if args.only else CONTESTANTS
@@ -171,16 +191,17 @@ def main():
         c.neg_elbo = vae_anime.evaluate(c.run["model"], images, test_idx, 1.0, 0)["neg_elbo"]
     after = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     peaks = {k: max(v, after[k]) for k, v in peaks.items()}
-    table = results_table(contestants, flops, peaks, len(train_idx))
+    table = results_table(contestants, peaks, len(train_idx))
     note = (f"Budget {args.budget:.0f} s of training per setting, taken in turns of {args.slice:.0f} s; "
             f"load average {min(load):.2f} to {max(load):.2f} on {os.cpu_count()} CPUs; "
             f"matmul peaks {peaks['float32']:.0f} GFLOP/s (fp32), {peaks['bfloat16']:.0f} (bf16); "
-            f"{flops / 1e6:.0f} MFLOP per training image (forward + backward).")
+            "MFLOP per training image: forward + backward as each setting computes them.")
     print("\n" + table + "\n\n" + note)
     vae_anime.write_text_atomically(args.out / "results.md", table + "\n\n" + note + "\n")
     vae_anime.write_text_atomically(args.out / "results.json", json.dumps(
-        {"peaks_gflops": peaks, "flops_per_image": flops, "load": load, "budget_s": args.budget,
-         "contestants": [{"name": c.name, "batch_size": c.batch_size, "lr": c.lr, "images": c.images,
+        {"peaks_gflops": peaks, "load": load, "budget_s": args.budget,
+         "contestants": [{"name": c.name, "batch_size": c.batch_size, "lr": c.lr, "flops_per_image": c.flops,
+                          "images": c.images,
                           "seconds": c.seconds, "neg_elbo": c.neg_elbo} for c in contestants]},
         indent=1) + "\n")
     samples_figure(contestants, vae_anime.fixed_z(128, 0, torch.device("cpu")),
