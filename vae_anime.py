@@ -8,7 +8,7 @@ What it does
     Every λ gets the same seed, split, initial weights and epochs.
 
 How to run
-    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: 8-11 min)
+    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: 8 min)
     python vae_anime.py --kl-weight 1 --epochs 3 # one λ
     python vae_anime.py --resume                 # continue interrupted runs from their checkpoints
     python vae_anime.py --preset long            # 64×64, 100 epochs: for a GPU (bfloat16 there)
@@ -423,8 +423,9 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d, computed as one matrix multiply when its output is a single pixel."""
     # The seed's deepest convolution maps 2×2 to 1×1 with a 4×4 kernel and padding 1: only the
     # kernel's centre taps ever meet an image value, the rest multiply padding zeros. oneDNN
-    # still convolves all 16 taps; the same numbers as a product of the centre taps with the
-    # input took a third of the time of this layer and its mirror (docs/vae_anime.md, Speed).
+    # still convolves all 16 taps; this layer and its mirror took a third of a training step
+    # on the CPU. As products of the centre taps with the input they take 5-7 ms instead of
+    # 13-21 ms (forward and backward, batch 64; docs/vae_anime.md, Speed).
     def forward(self, x):
         (kh, kw), (ph, pw), (h, w) = self.kernel_size, self.padding, x.shape[-2:]
         plain = (self.groups, self.dilation, self.padding_mode) == (1, (1, 1), "zeros")
