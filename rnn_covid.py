@@ -612,6 +612,8 @@ class BestStep:
 
 
 EVAL_EVERY_MAX = 10  # mini-batch training is evaluated at least this often, in steps
+
+
 @dataclass(frozen=True)
 class Optimisation:
     batch: int  # training windows per step
