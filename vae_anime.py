@@ -1360,6 +1360,10 @@ def process_group(device_name):
         log.setLevel(logging.ERROR)       # one log, from rank 0
     try:
         yield ranks, device
+        # Rank 0 still writes figures and reports when the others are done; a gloo rank that
+        # tore its group down first was seen to abort ("terminate called without an active
+        # exception"), so every rank waits for the last one before leaving.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
