@@ -410,45 +410,44 @@ def fixed_z(latent_dim, seed, device):
 # ======================================================================================
 
 
-def kernel_taps(weight, top, h, left, w):
-    """weight[:, :, top:top+h, left:left+w] as a matrix (dim 0 × the rest); one gather instead
-    of two slices, whose gradients each cost a zero-filled copy of the whole kernel."""
-    kw = weight.shape[-1]
-    taps = torch.tensor([(top + i) * kw + left + j for i in range(h) for j in range(w)],
-                        device=weight.device)
-    return weight.flatten(2).index_select(2, taps).flatten(1)
-
-
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d, computed as one matrix multiply when its output is a single pixel."""
+    """nn.Conv2d for inputs of a known side. When its output is a single pixel it keeps only
+    the kernel taps that can meet the image and is one matrix multiply."""
     # The seed's deepest convolution maps 2×2 to 1×1 with a 4×4 kernel and padding 1: only the
-    # kernel's centre taps ever meet an image value, the rest multiply padding zeros. oneDNN
-    # still convolves all 16 taps; this layer and its mirror took a third of a training step
-    # on the CPU. As products of the centre taps with the input they take 5-7 ms instead of
-    # 13-21 ms (forward and backward, batch 64; docs/vae_anime.md, Speed).
+    # kernel's 2×2 centre taps ever meet an image value. The other 12 multiply padding zeros,
+    # get zero gradient and so never move under Adam; kept, they cost a 16-tap oneDNN
+    # convolution, an 8 MB gradient and Adam's time on every step (docs/vae_anime.md, Speed).
+    def __init__(self, c_in, c_out, kernel_size, stride, padding, side):
+        super().__init__(c_in, c_out, kernel_size, stride, padding)  # torch's initialisation
+        k, s, p = kernel_size, stride, padding
+        # One output pixel (side + 2p - k < s) whose window holds the whole input (side + p <= k);
+        # a kernel larger than the padded input (side + 2p < k) is left for torch to refuse.
+        self.live = slice(p, p + side) if side + p <= k <= side + 2 * p < k + s else None
+        if self.live:
+            self.weight = nn.Parameter(self.weight.detach()[:, :, self.live, self.live].contiguous())
+
     def forward(self, x):
-        (kh, kw), (ph, pw), (h, w) = self.kernel_size, self.padding, x.shape[-2:]
-        plain = (self.groups, self.dilation, self.padding_mode) == (1, (1, 1), "zeros")
-        # One output pixel (side + 2·pad − kernel < stride) whose window holds the whole input
-        # (side + pad <= kernel); a kernel larger than the padded input is torch's error to raise.
-        one_pixel = all(n + p <= k <= n + 2 * p < k + s
-                        for n, p, k, s in zip((h, w), (ph, pw), (kh, kw), self.stride))
-        if not (plain and one_pixel):
+        if self.live is None:
             return super().forward(x)
-        return F.linear(x.flatten(1), kernel_taps(self.weight, ph, h, pw, w), self.bias)[:, :, None, None]
+        return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d, computed as one matrix multiply when its input is a single pixel."""
-    # The mirror of Conv2d's single-pixel case: 1×1 to 2×2, and only the centre taps reach the
-    # output that padding keeps.
-    def forward(self, x, output_size=None):
-        (kh, kw), (ph, pw) = self.kernel_size, self.padding
-        if (x.shape[-2:] != (1, 1) or output_size is not None or self.output_padding != (0, 0)
-                or (self.groups, self.dilation) != (1, (1, 1)) or kh <= 2 * ph or kw <= 2 * pw):
-            return super().forward(x, output_size)
-        h, w = kh - 2 * ph, kw - 2 * pw
-        out = (x.flatten(1) @ kernel_taps(self.weight, ph, h, pw, w)).unflatten(1, (-1, h, w))
+    """nn.ConvTranspose2d for inputs of a known side. When its input is a single pixel it keeps
+    only the kernel taps that reach the output and is one matrix multiply."""
+    # The mirror of Conv2d's single-pixel case, 1×1 to 2×2: tap i lands on output row i - p,
+    # so the padding crops all but the taps [p, k - p).
+    def __init__(self, c_in, c_out, kernel_size, stride, padding, side):
+        super().__init__(c_in, c_out, kernel_size, stride, padding)  # torch's initialisation
+        k, p = kernel_size, padding
+        self.live = slice(p, k - p) if side == 1 and k > 2 * p else None
+        if self.live:
+            self.weight = nn.Parameter(self.weight.detach()[:, :, self.live, self.live].contiguous())
+
+    def forward(self, x):
+        if self.live is None:
+            return super().forward(x)
+        out = (x.flatten(1) @ self.weight.flatten(1)).unflatten(1, self.weight.shape[1:])
         return out if self.bias is None else out + self.bias[:, None, None]
 
 
@@ -458,21 +457,22 @@ class VAE(nn.Module):
 
     def __init__(self, latent_dim=128, image_size=32, channels=(32, 64, 128, 256, 512)):
         super().__init__()
-        widths = (3, *channels)
-        down = [m for c_in, c_out in zip(widths, widths[1:])
-                for m in (Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
-        self.encoder = nn.Sequential(*down, nn.Flatten())
-        self.total_stride = math.prod(m.stride[0] for m in self.encoder if isinstance(m, nn.Conv2d))
+        self.total_stride = 2 ** len(channels)                     # each layer halves the side
         if image_size % self.total_stride:
             raise ValueError(f"the encoder's strides divide the image side by {self.total_stride}, "
                              f"so it must be a multiple of {self.total_stride}, got {image_size}")
-        side = image_size // self.total_stride
-        flat = channels[-1] * side * side
+        widths = (3, *channels)
+        sides = [image_size // 2 ** i for i in range(len(widths))]  # each layer's input side, going down
+        down = [m for c_in, c_out, side in zip(widths, widths[1:], sides)
+                for m in (Conv2d(c_in, c_out, 4, stride=2, padding=1, side=side), nn.LeakyReLU(0.2))]
+        self.encoder = nn.Sequential(*down, nn.Flatten())
+        flat = channels[-1] * sides[-1] ** 2
         self.to_moments = nn.Linear(flat, 2 * latent_dim)           # μ and log σ²
-        up = [m for c_in, c_out in zip(widths[::-1], widths[::-1][1:])
-              for m in (ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))]
+        up = [m for c_in, c_out, side in zip(widths[::-1], widths[::-1][1:], sides[::-1])
+              for m in (ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, side=side),
+                        nn.LeakyReLU(0.2))]
         self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2),
-                                     nn.Unflatten(1, (channels[-1], side, side)),
+                                     nn.Unflatten(1, (channels[-1], sides[-1], sides[-1])),
                                      *up[:-1])                      # logits of the Bernoulli means
         self.output = nn.Sigmoid()                                  # logits -> pixel means in [0, 1]
 
@@ -591,7 +591,12 @@ def resume_run(path, settings, data_key, device, ranks):
         raise UserError(f"checkpoint {path} was trained on other images: "
                         "use the same --data-dir or drop --resume")
     run = new_run(settings, data_key, device, ranks)
-    run["model"].load_state_dict(ckpt["model"])
+    try:
+        run["model"].load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"checkpoint {path} holds weights of another shape (an older vae_anime.py "
+                        "stored the single-pixel layers' whole kernels): "
+                        "delete it or drop --resume") from None
     run["optimizer"].load_state_dict(ckpt["optimizer"])
     run["noise_gen"].set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
     torch.set_rng_state(ckpt["torch_rng"].cpu())
@@ -1071,6 +1076,8 @@ def layer_label(layer):
     label = type(layer).__name__
     if hasattr(layer, "kernel_size"):
         label += f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/{layer.stride[0]}"
+    if getattr(layer, "live", None):
+        label += f" (centre {layer.weight.shape[-2]}×{layer.weight.shape[-1]} taps)"
     if isinstance(layer, nn.LeakyReLU):
         label += f" {layer.negative_slope:g}"
     return label
@@ -1097,6 +1104,12 @@ def architecture_table(model, image_size):
     return rows
 
 
+def unstored_taps(model):
+    """Weights of the seed's 4×4 kernels that the single-pixel layers do not store."""
+    return sum(m.weight.shape[:2].numel() * (math.prod(m.kernel_size) - m.weight.shape[2:].numel())
+               for m in model.modules() if getattr(m, "live", None))
+
+
 def describe_layers(layers):
     """'5 Conv2d (4×4, stride 2)' for the convolutions among `layers`, with their activation."""
     convs = [m for m in layers if hasattr(m, "kernel_size")]
@@ -1119,7 +1132,7 @@ def model_section(metrics, model):
 Encoder: {describe_layers(model.encoder)}, no pooling,
 then a linear layer giving μ and log σ² of a {cfg['latent_dim']}-dimensional Gaussian.
 Decoder: a linear layer, then {describe_layers(model.decoder)},
-and a {type(model.output).__name__} output. {sum(p for _, _, p in rows):,} parameters.
+and a {type(model.output).__name__} output. {parameter_sentence(rows, unstored_taps(model))}
 
 {table}
 
@@ -1135,6 +1148,15 @@ learning rate {cfg['lr']}{f" multiplied by {cfg['lr_decay']} after each epoch" i
 (fused Adam). Test numbers use one seeded posterior sample per
 image; MSE and reconstructions use the posterior mean.
 """
+
+
+def parameter_sentence(rows, unstored):
+    stored = sum(p for _, _, p in rows)
+    if not unstored:
+        return f"{stored:,} parameters."
+    return (f"{stored:,} parameters: the seed's layout has {stored + unstored:,}, but where a layer's "
+            f"input or output is a single pixel only its kernel's centre taps ever meet an image "
+            f"value, so the other {unstored:,} (zero gradient, never moved by Adam) are not stored.")
 
 
 def results_section(metrics):

@@ -238,17 +238,19 @@ def test_encoder_decoder_shapes_and_zero_noise_decodes_the_mean(size):
 
 @pytest.mark.parametrize("ours,theirs", [(vae_anime.Conv2d, torch.nn.Conv2d),
                                          (vae_anime.ConvTranspose2d, torch.nn.ConvTranspose2d)])
-def test_single_pixel_layers_equal_torchs_in_values_gradients_and_errors(ours, theirs):
-    """Every small geometry, the single-pixel matrix multiply included: same outputs, same
-    gradients for input, weight and bias, and an error wherever torch raises one."""
-    torch.manual_seed(0)
-    fast_paths = 0
+def test_layers_equal_torchs_in_values_gradients_and_errors(ours, theirs):
+    """Every small geometry, the single-pixel layers that keep only their centre taps included:
+    from the same seed, same outputs and same gradients for input and bias; the stored taps
+    get torch's gradient and every tap left out gets exactly zero from torch, so dropping
+    them changes nothing; an error wherever torch raises one."""
+    single_pixel = 0
     for k, stride, pad, side in itertools.product((2, 3, 4, 5), (1, 2, 3), (0, 1, 2), (1, 2, 3)):
         if pad >= k:
             continue
+        torch.manual_seed(k)
         reference = theirs(6, 5, k, stride=stride, padding=pad).double()
-        layer = ours(6, 5, k, stride=stride, padding=pad).double()
-        layer.load_state_dict(reference.state_dict())
+        torch.manual_seed(k)
+        layer = ours(6, 5, k, stride=stride, padding=pad, side=side).double()
         x = torch.randn(4, 6, side, side, dtype=torch.float64)
         try:
             reference(x)
@@ -256,16 +258,29 @@ def test_single_pixel_layers_equal_torchs_in_values_gradients_and_errors(ours, t
             with pytest.raises(RuntimeError):
                 layer(x)
             continue
+        live = layer.live or slice(None)
+        torch.testing.assert_close(layer.weight, reference.weight[:, :, live, live], rtol=0, atol=0)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         expected, got = reference(xa), layer(xb)
         grad = torch.randn_like(expected)
         expected.backward(grad)
         got.backward(grad)
-        for a, b in ((expected, got), (xa.grad, xb.grad), (reference.weight.grad, layer.weight.grad),
-                     (reference.bias.grad, layer.bias.grad)):
+        for a, b in ((expected, got), (xa.grad, xb.grad), (reference.bias.grad, layer.bias.grad),
+                     (reference.weight.grad[:, :, live, live], layer.weight.grad)):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
-        fast_paths += got.grad_fn.name() != expected.grad_fn.name()
-    assert fast_paths >= 6  # the matrix-multiply path did run, not only the fallback
+        left_out = reference.weight.grad.clone()
+        left_out[:, :, live, live] = 0
+        assert torch.count_nonzero(left_out) == 0
+        single_pixel += layer.live is not None
+    assert single_pixel >= 6  # the centre-taps matrix multiply did run, not only torch's layers
+
+
+def test_the_seeds_32_pixel_model_stores_only_the_taps_that_meet_an_image():
+    model = vae_anime.VAE()
+    compact = [m for m in model.modules() if getattr(m, "live", None)]
+    assert [tuple(m.weight.shape) for m in compact] == [(512, 256, 2, 2), (512, 256, 2, 2)]
+    assert sum(p.numel() for p in model.parameters()) + vae_anime.unstored_taps(model) == 5_772_483
+    assert vae_anime.unstored_taps(vae_anime.VAE(image_size=64)) == 0   # 4×4 -> 2×2: all taps meet
 
 
 def test_loss_matches_hand_computed_value():
@@ -683,6 +698,18 @@ def test_resume_with_other_settings_is_refused(default_run, subset, tmp_path):
     result = run_script("--data-dir", subset, "--out", out, "--kl-weight", 1, "--lr", "0.01",
                         "--resume")
     assert_clean_error(result, "other settings", "lr")
+
+
+def test_resume_from_a_checkpoint_with_whole_kernels_is_refused(default_run, subset, tmp_path):
+    """Checkpoints written before the single-pixel layers kept only their centre taps."""
+    out = tmp_path / "out"
+    shutil.copytree(default_run[0], out)
+    path = out / "checkpoints" / "lambda_1.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"]["encoder.8.weight"] = torch.zeros(512, 256, 4, 4)
+    torch.save(ckpt, path)
+    result = run_script("--data-dir", subset, "--out", out, "--kl-weight", 1, "--resume")
+    assert_clean_error(result, "weights of another shape", "drop --resume")
 
 
 def test_resume_with_other_precision_is_refused(default_run, subset, tmp_path):
