@@ -35,6 +35,7 @@ steps; the appendices after it (figures, world map, report, shared plumbing) can
 import argparse
 import contextlib
 import dataclasses
+import functools
 import html
 import json
 import logging
@@ -748,12 +749,15 @@ def train_run(ds, cfg, cell, seed, device, progress):
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def train_all(datasets, cfg, device):
+def train_all(datasets, cfg, device, meanwhile):
     """Every planned training, keyed by (model, L, seed): one after another, or --jobs at once
-    in worker processes. Each training seeds itself, so the order does not change a number."""
+    in worker processes while this process runs `meanwhile` (work that needs no trained model,
+    taken off the serial part of the run). Each training seeds itself, so the order does not
+    change a number."""
     jobs = planned_runs(cfg)
     workers = min(cfg.jobs, len(jobs)) if device.type == "cpu" else 1
     if workers == 1:
+        meanwhile()
         return {(c, L, s): train_run(datasets[L], cfg, c, s, device, progress=True) for c, L, s in jobs}
     # Longest first, so that no worker is left with a long training at the end.
     order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))
@@ -768,7 +772,9 @@ def train_all(datasets, cfg, device):
         raise
     with pool:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held signal lands here
-        results = dict(zip(order, pool.map(_worker_train, order, chunksize=1)))
+        pending = pool.map_async(_worker_train, order, chunksize=1)
+        meanwhile()
+        results = dict(zip(order, pending.get()))
     return {job: results[job] for job in jobs}
 
 
@@ -1047,13 +1053,16 @@ def run(argv=None):
     clock = Clock()
     device = choose_device(cfg.device)
     torch.set_num_threads(cfg.threads)
+    # Each training seeds itself; seeding once here as well sets torch's deterministic mode up
+    # (an import of about a second) before the workers fork, so they do not each pay for it.
+    seed_everything(cfg.seed)
     d, loaded = load_daily_cases(cfg)
     corr, zero_var, C = countries_of_C(d, cfg.threshold)
     datasets = build_datasets(d, C, cfg)
     check_writable(cfg.out)
-    plot_correlations(d.loc[d.index[:10]].T.corr(), corr.loc[C, C], cfg.out)
     clock.lap("data")
-    trained = train_all(datasets, cfg, device)
+    trained = train_all(datasets, cfg, device, meanwhile=functools.partial(
+        plot_correlations, d.loc[d.index[:10]].T.corr(), corr.loc[C, C], cfg.out))
     plot_all_learning_curves(trained, cfg)
     clock.lap("train")
     selection = choose_model(trained, cfg)
