@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def samples_figure(contestants, z, path):
     for ax, c in zip(axes, contestants):
         pictures = vae_anime.run_pictures(c.run["model"], torch.zeros(0, 3, 32, 32), z)
         vae_anime.show_grid(ax, pictures["samples"][:36], 6,
-                            f"{c.name}\nbatch {c.batch_size}: neg-ELBO {c.neg_elbo:,.1f}")
+                            "\n".join([*textwrap.wrap(c.name, 34),
+                                       f"batch {c.batch_size}: neg-ELBO {c.neg_elbo:,.1f}"]))
         ax.title.set_fontsize(7)
     fig.suptitle("λ = 1 samples from the same z after the same training time", fontsize=10)
     vae_anime.save_figure_atomically(fig, path)
