@@ -410,6 +410,13 @@ def fixed_z(latent_dim, seed, device):
 # ======================================================================================
 
 
+def keep_taps(layer, live):
+    """Store only the kernel rows and columns `live` of a layer (None: the whole kernel)."""
+    layer.live = live
+    if live:
+        layer.weight = nn.Parameter(layer.weight.detach()[:, :, live, live].contiguous())
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d for inputs of a known side. When its output is a single pixel it keeps only
     the kernel taps that can meet the image and is one matrix multiply."""
@@ -422,9 +429,7 @@ class Conv2d(nn.Conv2d):
         k, s, p = kernel_size, stride, padding
         # One output pixel (side + 2p - k < s) whose window holds the whole input (side + p <= k);
         # a kernel larger than the padded input (side + 2p < k) is left for torch to refuse.
-        self.live = slice(p, p + side) if side + p <= k <= side + 2 * p < k + s else None
-        if self.live:
-            self.weight = nn.Parameter(self.weight.detach()[:, :, self.live, self.live].contiguous())
+        keep_taps(self, slice(p, p + side) if side + p <= k <= side + 2 * p < k + s else None)
 
     def forward(self, x):
         if self.live is None:
@@ -440,9 +445,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     def __init__(self, c_in, c_out, kernel_size, stride, padding, side):
         super().__init__(c_in, c_out, kernel_size, stride, padding)  # torch's initialisation
         k, p = kernel_size, padding
-        self.live = slice(p, k - p) if side == 1 and k > 2 * p else None
-        if self.live:
-            self.weight = nn.Parameter(self.weight.detach()[:, :, self.live, self.live].contiguous())
+        keep_taps(self, slice(p, k - p) if side == 1 and k > 2 * p else None)
 
     def forward(self, x):
         if self.live is None:
