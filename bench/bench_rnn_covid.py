@@ -39,16 +39,17 @@ def timed_run(args, out):
     wall = time.perf_counter() - start
     m = json.loads((out / "metrics.json").read_text())
     v = m["verdict"]
+    chosen = next(s for s in m["summary"].values() if s["model"] == v["model"])
     return {"args": args, "wall_s": round(wall, 1), "load_before": round(load, 2),
-            "load_after": round(os.getloadavg()[0], 2), "jobs": m["config"]["jobs"],
+            "load_after": round(os.getloadavg()[0], 2), "jobs": m["timing"]["workers"],
             "train_windows": m["data"]["splits"]["train"]["windows"], "chosen": v["model"],
-            "test_accuracy": m["summary"][f"{v['model']}@L{m['config']['L']}"]["accuracy"],
+            "test_accuracy": chosen["accuracy"],
             "verdict": {k: v[k] for k in ("baseline", "gap", "ci95", "claim")},
-            "runs_s": m["timing"]["runs_s"]}
+            "runs_s": m["timing"]["runs_s"], "train_s": m["timing"]["train_s"]}
 
 
 def show(name, r):
-    print(f"{name}: {r['wall_s']:.0f} s (--jobs {r['jobs']}, {r['train_windows']} training windows, "
+    print(f"{name}: {r['wall_s']:.0f} s ({r['jobs']} worker(s), {r['train_windows']} training windows, "
           f"load {r['load_before']} -> {r['load_after']}); {r['chosen'].upper()} test accuracy "
           f"{r['test_accuracy']['mean']:.3f}, gap to {r['verdict']['baseline']} {r['verdict']['gap']:+.3f} "
           f"[{r['verdict']['ci95'][0]:+.3f}, {r['verdict']['ci95'][1]:+.3f}] ({r['verdict']['claim']})", flush=True)
@@ -65,9 +66,9 @@ def makespan(durations, workers):
 def report_estimate(tmp, steps):
     """The report preset run for `steps` steps per model, extrapolated to its full budget."""
     r = timed_run(["--preset", "report", "--steps", str(steps)], Path(tmp) / "report")
-    per_step = {k.split("@")[0]: v / steps for k, v in r["runs_s"].items()}
+    per_step = {run["model"]: run["s"] / steps for run in r["runs_s"]}
     full = dict(rnn_covid.PRESETS["report"].steps)
-    overhead = r["wall_s"] - makespan(r["runs_s"].values(), r["jobs"])
+    overhead = r["wall_s"] - makespan([run["s"] for run in r["runs_s"]], r["jobs"])
     estimate = overhead + makespan([per_step[c] * full[c] for c in per_step], r["jobs"])
     print(f"report preset: about {estimate:.0f} s with --jobs {r['jobs']}, extrapolated from {steps} steps per model "
           f"(per step: {', '.join(f'{c} {v:.2f} s' for c, v in per_step.items())})", flush=True)

@@ -32,11 +32,14 @@ def need(path):
 
 
 def need_browser():
-    browser, reason = rnn_covid.find_browser()
-    if browser is None:
+    """The Chrome/Chromium kaleido would use (BROWSER_PATH, then PATH)."""
+    from choreographer.browsers.chromium import Chromium
+
+    browser = Chromium.find_browser(skip_local=False)
+    if not browser:
         if IN_CI:
-            pytest.fail(f"CI=true but no browser: {reason}")
-        pytest.skip(reason)
+            pytest.fail("CI=true but no Chrome/Chromium found")
+        pytest.skip("no Chrome/Chromium found")
     return browser
 
 
@@ -107,9 +110,18 @@ RED = ["US", "Russia", "Brazil", "Australia", "Kazakhstan", "Algeria", "Congo (K
 BLUE = ["China", "Canada", "India", "Argentina", "Korea, South", "Saudi Arabia", "Mongolia", "Kosovo"]
 
 
+RULE = rnn_covid.LABELS["rise"]
+
+
 def synthetic_world(extra=()):
     rows = [(n, 0.9, "5, 7, 9") for n in RED] + [(n, 0.1, "9, 7, 5") for n in BLUE] + list(extra)
-    return pd.DataFrame(rows, columns=["country", "probability", "last_values"])
+    world = pd.DataFrame(rows, columns=["country", "probability", "last_values"])
+    return world.assign(in_C=False, low_activity=False)
+
+
+def write_map(world, out, topojson=None, title="test map", caption="grey: not in the data",
+              png=False):
+    return rnn_covid.write_world_map(world, out, topojson, title, caption, RULE, png=png)
 
 
 def test_writes_html_and_csv_without_browser(tmp_path, caplog):
@@ -117,19 +129,19 @@ def test_writes_html_and_csv_without_browser(tmp_path, caplog):
     world = synthetic_world([("Diamond Princess", 0.5, "0, 0, 0"), ("Atlantis", 0.3, "1, 2, 3"),
                              ("Holy See", 0.6, "0, 1, 0")])
     with caplog.at_level(logging.INFO, logger="rnn_covid"):
-        res = rnn_covid.write_world_map(world, tmp_path / "out", TOPOJSON, "test map", browser_path=None)
+        res = write_map(world, tmp_path / "out", TOPOJSON)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["world_map.html", "world_probabilities.csv"]
-    assert res == {
-        "countries_mapped": len(RED) + len(BLUE) + 1, "countries_total": len(world),
-        "excluded": ["Diamond Princess"], "unmapped": ["Atlantis"], "no_shape": [],
-        "png": None, "png_skipped_reason": "no browser requested (browser_path=None)",
-    }
+    assert res == rnn_covid.WorldMap(
+        countries_mapped=len(RED) + len(BLUE) + 1, countries_total=len(world),
+        excluded=["Diamond Princess"], unmapped=["Atlantis"], no_shape=[],
+        png=None, png_skipped_reason="not asked for")
     skipped = [r for r in caplog.records if "PNG skipped" in r.getMessage()]
-    assert len(skipped) == 1 and "browser_path=None" in skipped[0].getMessage()
+    assert len(skipped) == 1 and "not asked for" in skipped[0].getMessage()
 
     table = pd.read_csv(out / "world_probabilities.csv", keep_default_na=False)
-    assert list(table.columns) == ["country", "iso3", "probability", "last_values", "in_C", "low_activity"]
+    assert list(table.columns) == ["country", "iso3", "probability", "last_values", "in_C",
+                                   "low_activity"]
     assert len(table) == len(world)
     assert table["probability"].is_monotonic_decreasing
     by_name = table.set_index("country")
@@ -149,25 +161,18 @@ def test_writes_html_and_csv_without_browser(tmp_path, caplog):
 def test_no_browser_found_via_browser_path_env(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chrome"))
     with caplog.at_level(logging.INFO, logger="rnn_covid"):
-        res = rnn_covid.write_world_map(synthetic_world(), tmp_path / "out", None, "no browser")
-    assert res["png"] is None and "BROWSER_PATH" in res["png_skipped_reason"]
+        res = write_map(synthetic_world(), tmp_path / "out", png=True)
+    assert res.png is None and "BROWSER_PATH" in res.png_skipped_reason
     assert (tmp_path / "out" / "world_map.html").is_file()
     assert (tmp_path / "out" / "world_probabilities.csv").is_file()
     assert not (tmp_path / "out" / "world_map.png").exists()
     assert len([r for r in caplog.records if "PNG skipped" in r.getMessage()]) == 1
 
 
-def test_bad_frames_are_refused_and_nothing_written(tmp_path):
-    with pytest.raises(ValueError, match="probability"):
-        rnn_covid.write_world_map(synthetic_world([("Chile", 1.5, "1")]), tmp_path / "a", None, "t",
-                                  browser_path=None)
-    with pytest.raises(ValueError, match="last_values"):
-        rnn_covid.write_world_map(synthetic_world().drop(columns="last_values"), tmp_path / "b",
-                                  None, "t", browser_path=None)
-    with pytest.raises(ValueError, match="KOR"):
-        rnn_covid.write_world_map(synthetic_world([("Korea South", 0.5, "1")]), tmp_path / "c",
-                                  None, "t", browser_path=None)
-    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
+def test_two_names_of_one_country_are_refused_and_nothing_written(tmp_path):
+    with pytest.raises(rnn_covid.UserError, match="KOR"):
+        write_map(synthetic_world([("Korea South", 0.5, "1")]), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 # --------------------------------------------------------------------------- rendered maps
@@ -187,17 +192,16 @@ def colour_counts(png_bytes):
 def test_png_via_kaleido_shows_red_and_blue_countries(tmp_path):
     need(TOPOJSON / "world_50m.json")
     need_browser()
-    res = rnn_covid.write_world_map(synthetic_world(), tmp_path, TOPOJSON, "kaleido test")
-    assert res["png_skipped_reason"] is None and Path(res["png"]).is_file()
-    red, blue, total = colour_counts(Path(res["png"]).read_bytes())
+    res = write_map(synthetic_world(), tmp_path, TOPOJSON, "kaleido test", png=True)
+    assert res.png_skipped_reason is None and Path(res.png).is_file()
+    red, blue, total = colour_counts(Path(res.png).read_bytes())
     assert red > 0.01 * total and blue > 0.01 * total, (red, blue, total)
 
 
 def test_html_in_headless_chromium_offline_shows_red_and_blue_countries(tmp_path):
     need(TOPOJSON / "world_50m.json")
     browser = need_browser()
-    rnn_covid.write_world_map(synthetic_world(), tmp_path / "map", TOPOJSON, "browser test",
-                              browser_path=None)
+    write_map(synthetic_world(), tmp_path / "map", TOPOJSON, "browser test")
     shot = tmp_path / "shot.png"
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -216,8 +220,8 @@ def test_countries_outside_C_and_low_activity_are_marked(tmp_path):
     world = synthetic_world()
     world["in_C"] = world["country"].isin(["US", "China"])
     world["low_activity"] = world["country"].isin(["Mongolia"])
-    rnn_covid.write_world_map(world, tmp_path, None, "marks<br><sub>trained up to 2020-03-13</sub>",
-                              caption="thick outline: in C", browser_path=None)
+    write_map(world, tmp_path, None, "marks<br><sub>trained up to 2020-03-13</sub>",
+              caption="thick outline: in C")
     table = pd.read_csv(tmp_path / "world_probabilities.csv").set_index("country")
     assert table.loc["US", "in_C"] and not table.loc["Russia", "in_C"]
     assert table.loc["Mongolia", "low_activity"] and table["low_activity"].sum() == 1
