@@ -8,32 +8,32 @@ What it does
     Every λ gets the same seed, split, initial weights and epochs.
 
 How to run
-    python vae_anime.py                          # λ = 1, 100, 0 on data/anime_faces (2 CPU cores: 8 min)
+    python vae_anime.py                          # λ = 1, 100, 0 (2 CPU cores: about 8 min)
     python vae_anime.py --kl-weight 1 --epochs 3 # one λ
-    python vae_anime.py --resume                 # continue interrupted runs from their checkpoints
+    python vae_anime.py --resume                 # continue from the checkpoints
     python vae_anime.py --preset long            # 64×64, 100 epochs: for a GPU (bfloat16 there)
     torchrun --nproc_per_node=N vae_anime.py     # one VAE per λ, data-parallel over N processes
-    python vae_anime.py --help                   # every flag, its default and what each preset sets
+    python vae_anime.py --help                   # every flag, its default, what each preset sets
 
 What it writes (all into --out, default figures/vae_anime/)
     REPORT.md, metrics.json, lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,
-    active_units,kl_per_dim}.png, lambda_comparison.png, checkpoints/lambda_<λ>.pt (everything
-    needed to resume), cache/images_<size>px.pt (the decoded images; rebuilt when the files or
-    the size change). Under torchrun only rank 0 writes.
+    active_units,kl_per_dim}.png, lambda_comparison.png, checkpoints/lambda_<λ>.pt (written at
+    the end of every epoch: everything needed to resume), cache/images_<size>px.pt (the decoded
+    images; rebuilt when the files or the size change). Under torchrun only rank 0 writes.
 Every file is written to a temporary name and renamed into place, so none is ever half-written.
 Bad input (missing data, unreadable images, unwritable --out, invalid flags) and a diverging
-loss stop with one line naming the problem and its fix, exit code 2. The first Ctrl-C (or
-SIGTERM) stops between two training steps, saves a checkpoint, writes the figures so far and
-exits 130; a second one stops at once without saving.
+loss stop with one line naming the problem and its fix, exit code 2. Ctrl-C (or SIGTERM) stops
+at once with exit code 130; the checkpoints keep the last finished epoch of each λ.
 """
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import functools
 import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import random
 import signal
@@ -43,9 +43,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# OpenMP threads that spin while waiting make a training step 10-20x slower whenever another
-# process shares the CPU (measured: 0.25 s vs 4 s per step on 2 loaded cores); idle ones sleep.
-# libgomp reads this once, when torch loads, so it must be set before the import below.
+# OpenMP threads that spin while waiting slow training many times over whenever another process
+# shares the CPU. libgomp reads this once, when torch loads, so it is set before the import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import matplotlib
@@ -55,7 +54,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.utils import make_grid
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -64,91 +65,70 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 # ======================================================================================
 
 
-def setting(default, doc, parse=None, bare=None):
-    """A Config field: its default, the one line that documents it (also its --help text),
-    the function that parses its flag and the value the flag takes when given bare."""
-    return field(default=default, metadata={"doc": doc, "parse": parse, "bare": bare})
+def setting(default, doc, **flag):
+    """A Config field: its default, the line that documents it (also its --help text) and the
+    keywords argparse gets for its flag (type=, choices=, ...)."""
+    return field(default=default, metadata={"doc": doc, "flag": flag})
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def checked(kind, ok, must):
+    """An argparse type: the text read as `kind`, refused unless it is finite and ok(value)."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+    parse.__name__ = kind.__name__          # argparse names it in "invalid int value"
+    return parse
 
 
-def positive_float(text):
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def kl_weight(text):
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"a KL weight must be a number >= 0, got {text}")
-    return value
+POSITIVE_INT = checked(int, lambda v: v >= 1, "a positive integer")
+POSITIVE = checked(float, lambda v: v > 0, "a positive number")
+KL_WEIGHT = checked(float, lambda v: v >= 0, "a number >= 0")
 
 
 def kl_weight_list(text):
-    weights = tuple(kl_weight(part) for part in text.split(",") if part.strip())
+    weights = [KL_WEIGHT(part) for part in text.split(",") if part.strip()]
     if not weights or len(set(weights)) != len(weights):
-        raise argparse.ArgumentTypeError(f"give distinct KL weights separated by commas, got {text!r}")
-    return weights
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def seed_int(text):
-    value = int(text)
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**31 - 1}, got {text}")
-    return value
-
-
-def amp_mode(text):
-    if text not in ("auto", "on", "off"):
-        raise argparse.ArgumentTypeError(f"choose auto, on or off, got {text!r}")
-    return text
-
-
-def device_name(text):
-    if text not in ("auto", "cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"choose auto, cpu or cuda, got {text!r}")
-    return text
+        raise argparse.ArgumentTypeError(f"give distinct KL weights separated by commas, "
+                                         f"got {text!r}")
+    return tuple(weights)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run, built once from the command line by build_config()."""
-    data_dir: Path = setting(Path("data/anime_faces"), "folder of images, searched recursively", Path)
-    out: Path = setting(Path("figures/vae_anime"), "output folder for everything", Path)
-    cache_dir: Path = setting(None, "where the decoded-image cache lives (none: OUT/cache)", Path)
-    image_size: int = setting(32, "side of the square images; a multiple of the encoder's total "
-                                  "stride (32)", positive_int)
-    latent_dim: int = setting(128, "dimensions of the latent z", positive_int)
+    """Every setting of a run, built once from the command line by parse_args()."""
+    data_dir: Path = setting(Path("data/anime_faces"), "folder of images, searched recursively",
+                             type=Path)
+    out: Path = setting(Path("figures/vae_anime"), "output folder for everything", type=Path)
+    cache_dir: Path = setting(None, "where the decoded-image cache lives (none: OUT/cache)",
+                              type=Path)
+    image_size: int = setting(32, "side of the square images; a multiple of the encoder's "
+                                  "total stride (32)", type=POSITIVE_INT)
+    latent_dim: int = setting(128, "dimensions of the latent z", type=POSITIVE_INT)
     kl_weights: tuple = setting((1.0, 100.0, 0.0), "comma-separated KL weights λ, one model each",
-                                kl_weight_list)
-    epochs: int = setting(5, "passes over the training images per λ", positive_int)
-    batch_size: int = setting(64, "images per optimisation step", positive_int)
-    lr: float = setting(1e-3, "Adam learning rate of the first epoch", positive_float)
-    lr_decay: float = setting(1.0, "factor applied to the learning rate after each epoch (1: constant)",
-                              positive_float)
-    test_fraction: float = setting(0.1, "share of the images held out as the test set", fraction)
-    seed: int = setting(0, "seed of the split, the initial weights and every noise draw", seed_int)
-    device: str = setting("auto", "auto (CUDA when present), cpu or cuda", device_name)
-    amp: str = setting("auto", "bfloat16 autocast in training: auto (on CUDA GPUs that support it, "
-                               "float32 on the CPU), on (also bare --amp) or off; evaluation is "
-                               "always float32", amp_mode, bare="on")
+                                type=kl_weight_list)
+    epochs: int = setting(5, "passes over the training images per λ", type=POSITIVE_INT)
+    batch_size: int = setting(64, "images per optimisation step", type=POSITIVE_INT)
+    lr: float = setting(1e-3, "Adam learning rate of the first epoch", type=POSITIVE)
+    lr_decay: float = setting(1.0, "factor applied to the learning rate after each epoch "
+                                   "(1: constant)", type=POSITIVE)
+    test_fraction: float = setting(0.1, "share of the images held out as the test set",
+                                   type=checked(float, lambda v: 0 < v < 1, "between 0 and 1"))
+    seed: int = setting(0, "seed of the split, the initial weights and every noise draw",
+                        type=checked(int, lambda v: 0 <= v < 2**31,
+                                     f"an integer from 0 to {2**31 - 1}"))
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda",
+                          choices=("auto", "cpu", "cuda"))
+    amp: str = setting("auto", "bfloat16 autocast in training: auto (on CUDA GPUs with native "
+                               "bfloat16, float32 elsewhere), on (also bare --amp) or off; "
+                               "evaluation is always float32 (TF32 off on CUDA too)",
+                       choices=("auto", "on", "off"), nargs="?", const="on")
     workers: int = setting(min(2, os.cpu_count() or 1),
-                           "processes decoding images when the cache is (re)built", positive_int)
-    resume: bool = setting(False, "continue each λ from its checkpoint in OUT/checkpoints")
+                           "processes decoding images when the cache is (re)built",
+                           type=POSITIVE_INT)
+    resume: bool = setting(False, "continue each λ from its checkpoint in OUT/checkpoints",
+                           action="store_true")
 
     @property
     def cache_folder(self):
@@ -169,7 +149,7 @@ LOG_EVERY = 50                   # steps between reads of the running loss (each
 N_FIXED_TEST = 32                # reconstructions of the same 32 test images for every λ
 N_SAMPLES = 64                   # samples decoded from one fixed z ~ N(0, I)
 N_PAIRS, N_STEPS = 4, 10         # interpolations: 4 pairs of test images, 10 steps each
-CACHE_FORMAT = 1                 # bump when the decoding below changes
+CACHE_FORMAT = 2                 # bump when the decoding below changes
 NOT_IN_METRICS = ("resume", "workers")   # settings that do not change a single number
 
 
@@ -178,46 +158,34 @@ def flag_help(f):
     def show(value):
         return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
     default = getattr(PRESETS["default"], f.name)
-    changed = [f"preset {name}: {show(getattr(cfg, f.name))}" for name, cfg in PRESETS.items()
-               if getattr(cfg, f.name) != default]
-    return f"{f.metadata['doc']} (default: {show(default)}" + "".join(f"; {c}" for c in changed) + ")"
+    changed = "".join(f"; preset {name}: {show(getattr(cfg, f.name))}"
+                      for name, cfg in PRESETS.items() if getattr(cfg, f.name) != default)
+    return f"{f.metadata['doc']} (default: {show(default)}{changed})"
 
 
 def parse_args(argv=None):
-    """The command line -> a Config (every flag is a Config field, plus --preset and --kl-weight)."""
+    """The command line -> a Config (every flag is a Config field, plus --preset, --kl-weight)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=list(PRESETS), default="default",
-                   help="named settings that the flags below override: default, or long (64×64, 100 epochs, for a GPU) (default: default)")
+                   help="named settings that the flags below override: default, or long "
+                        "(64×64, 100 epochs, for a GPU) (default: default)")
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", default=None, help=flag_help(f))
-        elif f.metadata["bare"] is not None:
-            p.add_argument(flag, type=f.metadata["parse"], default=None, help=flag_help(f),
-                           nargs="?", const=f.metadata["bare"], metavar=f.name.upper())
-        else:
-            p.add_argument(flag, type=f.metadata["parse"], default=None, help=flag_help(f),
-                           metavar=f.name.upper())
-    p.add_argument("--kl-weight", type=kl_weight, default=None,
+        flag = f.metadata["flag"]
+        metavar = {} if "action" in flag else {"metavar": f.name.upper()}
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=flag_help(f),
+                       **metavar, **flag)
+    p.add_argument("--kl-weight", type=KL_WEIGHT, default=None,
                    help="train a single λ (overrides --kl-weights; default: none)")
     args = p.parse_args(argv)
-    try:
-        return build_config(args)
-    except ValueError as err:
-        p.error(str(err))
-
-
-def build_config(args):
-    """The preset with the given flags replaced; the model checks that the image size fits it."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
              if getattr(args, f.name) is not None}
     if args.kl_weight is not None:
         given["kl_weights"] = (args.kl_weight,)
     cfg = dataclasses.replace(PRESETS[args.preset], **given)
     try:
-        VAE(cfg.latent_dim, cfg.image_size)
+        VAE(cfg.latent_dim, cfg.image_size)          # the model says which sizes fit it
     except ValueError as err:
-        raise ValueError(f"argument --image-size: {err}") from None
+        p.error(f"argument --image-size: {err}")
     return cfg
 
 
@@ -248,77 +216,65 @@ def file_list_key(files, data_dir, size):
     digest = hashlib.sha256(f"format {CACHE_FORMAT} size {size}\n".encode())
     for path in files:
         stat = path.stat()
-        digest.update(f"{path.relative_to(data_dir)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(data_dir)}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+                      .encode())
     return digest.hexdigest()
 
 
-def decode_image(path, size):
-    """One file -> (size×size×3 uint8 array or None if unreadable, whether it was upscaled)."""
+def decode_rgb(data):
+    """Encoded bytes -> 3×H×W uint8 RGB; transparent pixels become white, not black."""
+    # Only gray/RGB + alpha files (2 or 4 channels, never JPEG) take the RGBA path: torchvision's
+    # RGBA of a palette PNG without transparency is garbage, so palettes keep their colours.
+    if data[:2].tolist() == [0xFF, 0xD8] or decode_image(data).shape[0] not in (2, 4):
+        return decode_image(data, mode=ImageReadMode.RGB)
+    rgba = decode_image(data, mode=ImageReadMode.RGB_ALPHA).float()
+    alpha = rgba[3:] / 255
+    return (rgba[:3] * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+
+
+def read_square(path, size):
+    """One file -> (size×size RGB uint8 tensor, or None if unreadable; whether it was upscaled)."""
     try:
-        with Image.open(path) as im:
-            # JPEG draft mode decodes straight at 1/2, 1/4 or 1/8 scale (never below `size`):
-            # it is the DCT's own antialiased downscale and makes decoding ~1.5× faster.
-            im.draft("RGB", (size, size))
-            im.load()
-            small = min(im.size) < size
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")   # transparent pixels become white, not black
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
-            side = min(im.size)        # centre square, so non-square pictures are not squashed
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.resize((size, size), Image.Resampling.BILINEAR,
-                           box=(left, top, left + side, top + side))  # PIL filters antialias
-            return np.asarray(im, dtype=np.uint8), small
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        image = decode_rgb(read_file(str(path)))
+    except RuntimeError:
         return None, False
+    side = min(image.shape[1:])        # centre square, so non-square pictures are not squashed
+    square = TF.center_crop(image, [side, side])
+    if side < size:
+        return TF.resize(square, [size, size], antialias=True), True
+    # Down by box averaging (antialiased): within a level on average of PIL's JPEG DCT scaling.
+    return F.adaptive_avg_pool2d(square.float(), size).round().to(torch.uint8), False
 
 
-def _start_decoder():
-    # The parent turns Ctrl-C and SIGTERM into its own exit and ends the pool (with SIGTERM);
-    # a worker that inherited the parent's handlers would print a traceback for each.
+def decode_chunk(paths, size):
+    """Some files -> (their readable images stacked, (readable, upscaled) for each file)."""
+    results = [read_square(path, size) for path in paths]
+    images = [image for image, _ in results if image is not None]
+    stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return stacked, [(image is not None, small) for image, small in results]
+
+
+def start_decoder(worker_id):
+    # The parent turns Ctrl-C and SIGTERM into its own exit and ends the workers; a worker
+    # that kept the parent's handlers would print a traceback for each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _decode_chunk(job):
-    paths, size = job
-    return [decode_image(path, size) for path in paths]
-
-
 def effective_workers(workers, n_files):
-    """Below ~2,000 files a process pool costs more than it saves."""
+    """Below ~2,000 files worker processes cost more than they save."""
     return workers if n_files >= 2000 else 1
 
 
 def decode_images(files, size, workers):
-    """Decode every file; `workers` processes share the work when there are enough files."""
-    if effective_workers(workers, len(files)) == 1:
-        return [decode_image(path, size) for path in tqdm(files, desc="decoding", leave=False,
-                                                          disable=None)]
-    chunks = [files[i:i + 500] for i in range(0, len(files), 500)]
-    # Workers only run PIL and numpy, so forking after torch has started is safe.
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                      else None)
-    with ctx.Pool(workers, _start_decoder) as pool:
-        results = []
-        for part in tqdm(pool.imap(_decode_chunk, [(c, size) for c in chunks]), total=len(chunks),
-                         desc="decoding", leave=False, disable=None):
-            results.extend(part)
-    return results
-
-
-def read_cache(cache_path, key):
-    """The cached images and their info when the cache exists and its key matches, else None."""
-    if not cache_path.exists():
-        return None
-    try:
-        cached = torch.load(cache_path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
-        return None             # a damaged cache is simply rebuilt
-    return cached if cached.get("key") == key else None
+    """Every file decoded, in chunks of 500; `workers` processes share them when there are
+    enough. Returns the readable images and (readable, upscaled) for each file."""
+    n = effective_workers(workers, len(files))
+    loader = torch.utils.data.DataLoader(files, batch_size=500, num_workers=0 if n == 1 else n,
+                                         collate_fn=functools.partial(decode_chunk, size=size),
+                                         worker_init_fn=start_decoder)
+    chunks = list(tqdm(loader, desc="decoding", leave=False, disable=None))
+    return torch.cat([c[0] for c in chunks]), [flags for c in chunks for flags in c[1]]
 
 
 def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
@@ -327,28 +283,29 @@ def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
     key = file_list_key(files, data_dir, size)
     cache_path = cache_dir / f"images_{size}px.pt"
     start = time.perf_counter()
-    cached = read_cache(cache_path, key)
-    if cached is not None:
-        return cached["images"], dict(cached["info"], cache="hit", seconds=time.perf_counter() - start)
-    decoded = decode_images(files, size, workers)
+    with contextlib.suppress(OSError, RuntimeError, EOFError, ValueError):   # damaged: rebuilt
+        cached = torch.load(cache_path, weights_only=True)
+        if cached.get("key") == key:
+            return cached["images"], dict(cached["info"], cache="hit",
+                                          seconds=time.perf_counter() - start)
+    images, flags = decode_images(files, size, workers)
     names = [str(p.relative_to(data_dir)) for p in files]
-    skipped = [n for n, (arr, _) in zip(names, decoded) if arr is None]
-    upscaled = [n for n, (arr, small) in zip(names, decoded) if arr is not None and small]
-    arrays = [arr for arr, _ in decoded if arr is not None]
-    if not arrays:
+    if not len(images):
         raise UserError(f"none of the {len(files)} image files in {data_dir} could be decoded "
                         f"(e.g. {name_some(names, 3)}): replace them or run `make data`")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    info = {"folder": str(data_dir), "files_found": len(files), "images": len(arrays),
-            "skipped": skipped, "upscaled": upscaled, "image_size": size,
-            "key": key, "decode_workers": effective_workers(workers, len(files))}
+    info = {"folder": str(data_dir), "files_found": len(files), "images": len(images),
+            "skipped": [n for n, (ok, _) in zip(names, flags) if not ok],
+            "upscaled": [n for n, (ok, small) in zip(names, flags) if ok and small],
+            "image_size": size, "key": key,
+            "decode_workers": effective_workers(workers, len(files))}
     seconds = time.perf_counter() - start
     try:
         if write_cache:
             save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
     except OSError as err:      # the images are in memory; only the next run pays again
         log.warning(f"warning: could not write the image cache {cache_path} "
-                    f"({err.strerror or err}); pass a writable --cache-dir to skip decoding next time")
+                    f"({err.strerror or err}); pass a writable --cache-dir to skip decoding "
+                    "next time")
     return images, dict(info, cache="built", seconds=seconds)
 
 
@@ -392,7 +349,8 @@ def prepare_data(cfg, device, ranks):
     train_idx, test_idx = (i.to(device) for i in split_indices(len(images), cfg.test_fraction,
                                                                  cfg.seed))
     # Summed in float64 straight from uint8: no float copy of the whole training set.
-    mean_image = (images[train_idx].sum(0, dtype=torch.float64) / (255 * len(train_idx))).float().cpu()
+    mean_image = (images[train_idx].sum(0, dtype=torch.float64)
+                  / (255 * len(train_idx))).float().cpu()
     test_cpu = to_float(images[test_idx]).cpu()
     anchors = {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
                "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
@@ -402,7 +360,8 @@ def prepare_data(cfg, device, ranks):
 
 
 def fixed_z(latent_dim, seed, device):
-    return torch.randn(N_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(N_SAMPLES, latent_dim, generator=generator).to(device)
 
 
 # ======================================================================================
@@ -410,48 +369,19 @@ def fixed_z(latent_dim, seed, device):
 # ======================================================================================
 
 
-def keep_taps(layer, live):
-    """Store only the kernel rows and columns `live` of a layer (None: the whole kernel)."""
-    layer.live = live
-    if live:
-        layer.weight = nn.Parameter(layer.weight.detach()[:, :, live, live].contiguous())
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d for inputs of a known side. When its output is a single pixel it keeps only
-    the kernel taps that can meet the image and is one matrix multiply."""
-    # The seed's deepest convolution maps 2×2 to 1×1 with a 4×4 kernel and padding 1: only the
-    # kernel's 2×2 centre taps ever meet an image value. The other 12 multiply padding zeros,
-    # get zero gradient and so never move under Adam; kept, they cost a 16-tap oneDNN
-    # convolution, an 8 MB gradient and Adam's time on every step (docs/vae_anime.md, Speed).
-    def __init__(self, c_in, c_out, kernel_size, stride, padding, side):
-        super().__init__(c_in, c_out, kernel_size, stride, padding)  # torch's initialisation
-        k, s, p = kernel_size, stride, padding
-        # One output pixel (side + 2p - k < s) whose window holds the whole input (side + p <= k);
-        # a kernel larger than the padded input (side + 2p < k) is left for torch to refuse.
-        keep_taps(self, slice(p, p + side) if side + p <= k <= side + 2 * p < k + s else None)
-
-    def forward(self, x):
-        if self.live is None:
-            return super().forward(x)
-        return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
-
-
-class ConvTranspose2d(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d for inputs of a known side. When its input is a single pixel it keeps
-    only the kernel taps that reach the output and is one matrix multiply."""
-    # The mirror of Conv2d's single-pixel case, 1×1 to 2×2: tap i lands on output row i - p,
-    # so the padding crops all but the taps [p, k - p).
-    def __init__(self, c_in, c_out, kernel_size, stride, padding, side):
-        super().__init__(c_in, c_out, kernel_size, stride, padding)  # torch's initialisation
-        k, p = kernel_size, padding
-        keep_taps(self, slice(p, k - p) if side == 1 and k > 2 * p else None)
-
-    def forward(self, x):
-        if self.live is None:
-            return super().forward(x)
-        out = (x.flatten(1) @ self.weight.flatten(1)).unflatten(1, self.weight.shape[1:])
-        return out if self.bias is None else out + self.bias[:, None, None]
+def seed_layer(kind, c_in, c_out, side):
+    """The seed's 4×4 / stride 2 / padding 1 layer (nn.Conv2d or nn.ConvTranspose2d) for a
+    side×side input."""
+    layer = kind(c_in, c_out, 4, stride=2, padding=1)
+    if side != (2 if kind is nn.Conv2d else 1):
+        return layer
+    # 2×2 -> 1×1 (or its mirror, 1×1 -> 2×2): only the kernel's 2×2 centre taps ever meet the
+    # image, the rest meet padding, so the seed's layer is a 2×2 kernel, begun from those taps.
+    centre = nn.utils.skip_init(kind, c_in, c_out, 2)     # no draw: later layers init as before
+    with torch.no_grad():
+        centre.weight.copy_(layer.weight[:, :, 1:3, 1:3])
+        centre.bias.copy_(layer.bias)
+    return centre
 
 
 class VAE(nn.Module):
@@ -462,22 +392,22 @@ class VAE(nn.Module):
         super().__init__()
         self.total_stride = 2 ** len(channels)                     # each layer halves the side
         if image_size % self.total_stride:
-            raise ValueError(f"the encoder's strides divide the image side by {self.total_stride}, "
-                             f"so it must be a multiple of {self.total_stride}, got {image_size}")
+            raise ValueError(f"the encoder's strides divide the image side by "
+                             f"{self.total_stride}, so it must be a multiple of "
+                             f"{self.total_stride}, got {image_size}")
         widths = (3, *channels)
-        sides = [image_size // 2 ** i for i in range(len(widths))]  # each layer's input side, going down
+        sides = [image_size // 2 ** i for i in range(len(widths))]  # input side of each layer
         down = [m for c_in, c_out, side in zip(widths, widths[1:], sides)
-                for m in (Conv2d(c_in, c_out, 4, stride=2, padding=1, side=side), nn.LeakyReLU(0.2))]
+                for m in (seed_layer(nn.Conv2d, c_in, c_out, side), nn.LeakyReLU(0.2))]
         self.encoder = nn.Sequential(*down, nn.Flatten())
         flat = channels[-1] * sides[-1] ** 2
         self.to_moments = nn.Linear(flat, 2 * latent_dim)           # μ and log σ²
         up = [m for c_in, c_out, side in zip(widths[::-1], widths[::-1][1:], sides[::-1])
-              for m in (ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, side=side),
-                        nn.LeakyReLU(0.2))]
+              for m in (seed_layer(nn.ConvTranspose2d, c_in, c_out, side), nn.LeakyReLU(0.2))]
         self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2),
                                      nn.Unflatten(1, (channels[-1], sides[-1], sides[-1])),
                                      *up[:-1])                      # logits of the Bernoulli means
-        self.output = nn.Sigmoid()                                  # logits -> pixel means in [0, 1]
+        self.output = nn.Sigmoid()                                  # logits -> means in [0, 1]
 
     def encode(self, x):
         mu, logvar = self.to_moments(self.encoder(x)).chunk(2, dim=1)
@@ -496,8 +426,8 @@ def loss_terms(logits, x, mu, logvar):
     """Per-image reconstruction and KL, in nats (vectors of length batch)."""
     # Reduction: both terms are summed per image (recon over the 3×H×W values, KL over the
     # latent dimensions); the training objective is the batch mean of recon + λ·KL.
-    recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none").flatten(1).sum(1)
-    return recon, kl_per_dimension(mu.float(), logvar.float()).sum(1)
+    recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none")
+    return recon.flatten(1).sum(1), kl_per_dimension(mu.float(), logvar.float()).sum(1)
 
 
 def kl_per_dimension(mu, logvar):
@@ -511,12 +441,39 @@ def kl_per_dimension(mu, logvar):
 # ======================================================================================
 
 
-class StopRequested(Exception):
-    """The first Ctrl-C or SIGTERM, acted on between two training steps; carries the run."""
+@dataclass(frozen=True)
+class RunSettings:
+    """What defines one λ's training; a checkpoint made with other settings is not resumed."""
+    kl_weight: float
+    seed: int
+    image_size: int
+    latent_dim: int
+    batch_size: int
+    lr: float
+    lr_decay: float
+    test_fraction: float
+    amp: bool                    # bfloat16 autocast in training
+    device: str                  # its type: cpu or cuda
 
-    def __init__(self, run):
-        super().__init__("stop requested")
-        self.run = run
+    @classmethod
+    def of(cls, cfg, kl_weight, bf16, device):
+        return cls(kl_weight, cfg.seed, cfg.image_size, cfg.latent_dim, cfg.batch_size, cfg.lr,
+                   cfg.lr_decay, cfg.test_fraction, bf16, device.type)
+
+
+@dataclass
+class Training:
+    """One λ's VAE in training: what a step needs and how far it has come."""
+    settings: RunSettings
+    data_key: str                # the images it is trained on (the cache key)
+    model: nn.Module
+    net: nn.Module               # what a step calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    noise_gen: torch.Generator   # the reparameterisation noise
+    epoch: int = 0               # epochs finished
+    history: list = field(default_factory=list)    # per epoch: train and test statistics
+    train_seconds: float = 0.0
+    checkpointed: bool = False   # whether its checkpoint file holds this training's state
 
 
 def epoch_order(n, seed, epoch):
@@ -526,215 +483,148 @@ def epoch_order(n, seed, epoch):
 
 
 def use_bf16(amp, device):
-    """--amp auto: bfloat16 autocast on CUDA GPUs that support it, float32 on the CPU; on / off
-    force it. On the 2-core build CPU (avx512_bf16) oneDNN's bfloat16 convolution gradients
-    ran 1.1x faster than float32 when idle but up to 25x slower when another process shared
-    the cores (docs/vae_anime.md), so the CPU default stays float32."""
+    """--amp auto: bfloat16 autocast on CUDA GPUs with native bfloat16 (emulated bfloat16, as on
+    a T4, is slow), float32 on the CPU, where oneDNN's bfloat16 slows down badly on shared
+    cores (docs/vae_anime.md); on / off force it."""
     if amp != "auto":
         return amp == "on"
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def memory_format(device):
-    """channels_last lets cuDNN skip layout conversions; on the CPU it measured slower here."""
+    """channels_last lets cuDNN skip layout conversions; on the CPU it measured slower."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def autocast(device, bf16):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def new_training(settings, data_key, device, ranks):
+    torch.manual_seed(settings.seed)            # the same initial weights for every λ
+    model = VAE(settings.latent_dim, settings.image_size)
+    model = model.to(device, memory_format=memory_format(device))
+    return Training(settings, data_key, model, data_parallel(model, device, ranks),
+                    torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True),
+                    torch.Generator(device=device).manual_seed(settings.seed + 1))
 
 
-def run_settings(cfg, kl_weight, device, bf16):
-    """The settings that define one run; a checkpoint made with other settings is not resumed."""
-    return {"kl_weight": kl_weight, "seed": cfg.seed, "image_size": cfg.image_size,
-            "latent_dim": cfg.latent_dim, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "lr_decay": cfg.lr_decay, "test_fraction": cfg.test_fraction, "amp": bf16,
-            "device": device.type}
-
-
-def empty_sums():
-    return {"sums": [0.0, 0.0, 0.0], "n": 0}       # objective, recon, KL summed over images
-
-
-def new_run(settings, data_key, device, ranks):
-    torch.manual_seed(settings["seed"])         # the same initial weights for every λ
-    model = VAE(settings["latent_dim"], settings["image_size"]).to(device,
-                                                                  memory_format=memory_format(device))
-    return {"model": model, "net": data_parallel(model, device, ranks),
-            "optimizer": torch.optim.Adam(model.parameters(), lr=settings["lr"], fused=True),
-            "settings": settings, "data_key": data_key, "epoch": 0, "step": 0,
-            "partial": empty_sums(), "history": [],
-            "noise_gen": torch.Generator(device=device).manual_seed(settings["seed"] + 1),
-            "train_seconds": 0.0}
-
-
-def save_checkpoint(run, path):
-    """nanoGPT-style: everything needed to continue, including the mid-epoch position."""
+def save_checkpoint(t, path):
+    """nanoGPT-style, at the end of an epoch: everything needed to continue."""
     save_torch_atomically({
-        "model": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
-        "config": run["settings"], "data_key": run["data_key"], "epoch": run["epoch"],
-        "step": run["step"], "partial": run["partial"], "history": run["history"],
-        "noise_rng": run["noise_gen"].get_state(), "torch_rng": torch.get_rng_state(),
-        "train_seconds": run["train_seconds"],
-    }, path)
+        "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+        "settings": dataclasses.asdict(t.settings), "data_key": t.data_key, "epoch": t.epoch,
+        "history": t.history, "noise_rng": t.noise_gen.get_state(),
+        "train_seconds": t.train_seconds}, path)
 
 
-def resume_run(path, settings, data_key, device, ranks):
-    """The run in `path`, checked against the current settings and data."""
+def resume_training(path, settings, data_key, device, ranks):
+    """The training saved in `path`, checked against the current settings and data."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path} ({err}): delete it or drop --resume") from None
-    changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in settings.items()
-               if ckpt["config"].get(k) != v]
+        saved = ckpt["settings"]
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read checkpoint {path} ({err}): delete it or drop --resume") \
+            from None
+    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in dataclasses.asdict(settings).items()
+               if saved.get(k) != v]
     if changed:
-        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}): "
-                        "use the same flags or drop --resume")
+        raise UserError(f"checkpoint {path} was made with other settings "
+                        f"({', '.join(changed)}): use the same flags or drop --resume")
     if ckpt["data_key"] != data_key:
         raise UserError(f"checkpoint {path} was trained on other images: "
                         "use the same --data-dir or drop --resume")
-    run = new_run(settings, data_key, device, ranks)
-    try:
-        run["model"].load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UserError(f"checkpoint {path} holds weights of another shape (an older vae_anime.py "
-                        "stored the single-pixel layers' whole kernels): "
-                        "delete it or drop --resume") from None
-    run["optimizer"].load_state_dict(ckpt["optimizer"])
-    run["noise_gen"].set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
-    torch.set_rng_state(ckpt["torch_rng"].cpu())
-    run.update(epoch=ckpt["epoch"], step=ckpt["step"], partial=ckpt["partial"],
-               history=ckpt["history"], train_seconds=ckpt["train_seconds"], resumed=True)
-    return run
+    t = new_training(settings, data_key, device, ranks)
+    t.model.load_state_dict(ckpt["model"])
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    t.noise_gen.set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
+    t.epoch, t.history, t.train_seconds = ckpt["epoch"], ckpt["history"], ckpt["train_seconds"]
+    t.checkpointed = True
+    return t
 
 
 def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
-    settings, path = run_settings(cfg, kl_weight, device, bf16), checkpoint_path(cfg.out, kl_weight)
+    settings = RunSettings.of(cfg, kl_weight, bf16, device)
+    path = checkpoint_path(cfg.out, kl_weight)
     if not (cfg.resume and path.exists()):
-        return new_run(settings, data_key, device, ranks)
-    run = resume_run(path, settings, data_key, device, ranks)
-    log.info(f"λ={weight_tag(kl_weight)}: resuming from epoch {run['epoch']}"
-             + (f", step {run['step']}" if run["step"] else "") + f" ({path})")
-    return run
+        return new_training(settings, data_key, device, ranks)
+    t = resume_training(path, settings, data_key, device, ranks)
+    log.info(f"λ={weight_tag(kl_weight)}: resuming from epoch {t.epoch} ({path})")
+    return t
 
 
-@contextlib.contextmanager
-def stop_between_steps():
-    """While training, the first Ctrl-C or SIGTERM only raises a flag that is checked between
-    steps, so a checkpoint never holds half a step; a second one stops at once, unsaved."""
-    flag = []
-
-    def on_signal(signum, frame):
-        if flag:
-            raise KeyboardInterrupt
-        flag.append(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if flag:        # the request came after the last step: honour it now
-        raise KeyboardInterrupt
+def train(t, data, epochs, ranks, ckpt_path):
+    """Train to `epochs`; after each epoch evaluate, refuse non-finite numbers and checkpoint."""
+    s = t.settings
+    while t.epoch < epochs:
+        start = time.perf_counter()
+        train_stats = train_epoch(t, data, ranks)
+        test_stats = evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed, ranks)
+        refuse_non_finite(t, train_stats, test_stats, ckpt_path)
+        seconds = time.perf_counter() - start
+        t.epoch, t.train_seconds = t.epoch + 1, t.train_seconds + seconds
+        t.history.append({"epoch": t.epoch, "train": train_stats, "test": scalars(test_stats)})
+        if ranks.main:
+            save_checkpoint(t, ckpt_path)
+        t.checkpointed = True
+        log_epoch(t, epochs, train_stats, test_stats, seconds)
+    return t
 
 
-def train_epoch(run, data, ranks, stop):
-    """One epoch from run["step"] on. Every rank takes its share of each global batch; the
-    running sums stay on the device, read once per LOG_EVERY steps and at the end."""
-    s = run["settings"]
-    run["net"].train()
-    # The rate depends on the epoch alone, so a resumed or extended run follows the same path.
-    for group in run["optimizer"].param_groups:
-        group["lr"] = s["lr"] * s["lr_decay"] ** run["epoch"]
-    device, size = data.images.device, s["batch_size"]
-    order = data.train_idx[epoch_order(len(data.train_idx), s["seed"], run["epoch"])]
-    sums, n_before = torch.zeros(3, dtype=torch.float64, device=device), run["partial"]["n"]
-    bar = tqdm(range(run["step"], math.ceil(len(order) / size)), leave=False,
-               desc=f"λ={weight_tag(s['kl_weight'])} epoch {run['epoch'] + 1}",
+def train_epoch(t, data, ranks):
+    """One epoch. Every rank takes its share of each global batch; the running sums stay on the
+    device, read once per LOG_EVERY steps and at the end."""
+    s, device = t.settings, data.images.device
+    t.net.train()
+    for group in t.optimizer.param_groups:      # the rate depends on the epoch alone
+        group["lr"] = s.lr * s.lr_decay ** t.epoch
+    order = data.train_idx[epoch_order(len(data.train_idx), s.seed, t.epoch)]
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device)
+            for name in ("objective", "recon", "kl")}
+    bar = tqdm(range(math.ceil(len(order) / s.batch_size)), leave=False,
+               desc=f"λ={weight_tag(s.kl_weight)} epoch {t.epoch + 1}",
                disable=None if ranks.main else True)
     for step in bar:
-        if stop_requested(stop, ranks, step):
-            raise StopRequested(add_partial(run, sums, ranks))
-        batch = order[step * size:(step + 1) * size]
-        sums += train_step(run, data.images, batch, ranks)
-        run["step"], run["partial"]["n"] = step + 1, run["partial"]["n"] + len(batch)
-        if run["step"] % LOG_EVERY == 0 and not bar.disable:
-            seen = run["partial"]["n"] - n_before
-            bar.set_postfix(objective=f"{sums[0].item() * ranks.world / seen:.1f}")
-    objective, recon, kl = add_partial(run, sums, ranks)["partial"]["sums"]
-    n = run["partial"]["n"]
-    return {"objective": objective / n, "recon": recon / n, "kl": kl / n,
-            "neg_elbo": (recon + kl) / n}
+        batch = order[step * s.batch_size:(step + 1) * s.batch_size]
+        for name, value in train_step(t, data.images, batch, ranks).items():
+            sums[name] += value
+        if (step + 1) % LOG_EVERY == 0 and not bar.disable:
+            seen = (step + 1) * s.batch_size
+            bar.set_postfix(objective=f"{sums['objective'].item() * ranks.world / seen:.1f}")
+    totals = {name: sum_across(value, ranks).item() for name, value in sums.items()}
+    totals["neg_elbo"] = totals["recon"] + totals["kl"]
+    return {name: value / len(order) for name, value in totals.items()}
 
 
-def train_step(run, images, batch, ranks):
+def train_step(t, images, batch, ranks):
     """One optimisation step on this rank's share of the global batch `batch` (image indices);
-    returns the share's summed (objective, recon, KL) on the device, without a host sync."""
-    s, device = run["settings"], images.device
-    noise = torch.randn((len(batch), s["latent_dim"]), generator=run["noise_gen"], device=device)
+    returns the share's summed objective, recon and KL on the device, without a host sync."""
+    s, device = t.settings, images.device
+    noise = torch.randn((len(batch), s.latent_dim), generator=t.noise_gen, device=device)
     x = to_float(images[batch[ranks.rank::ranks.world]])
-    with autocast(device, s["amp"]):
-        logits, mu, logvar = run["net"](x.contiguous(memory_format=memory_format(device)),
-                                        noise[ranks.rank::ranks.world])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.amp):
+        logits, mu, logvar = t.net(x.contiguous(memory_format=memory_format(device)),
+                                   noise[ranks.rank::ranks.world])
     recon, kl = loss_terms(logits, x, mu, logvar)
-    objective = recon + s["kl_weight"] * kl
+    objective = recon + s.kl_weight * kl
     # This rank's share of the global batch mean; DDP averages the ranks' gradients.
     loss = objective.sum() * (ranks.world / len(batch))
-    run["optimizer"].zero_grad(set_to_none=True)
+    t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    run["optimizer"].step()
-    return torch.stack([objective.sum(), recon.sum(), kl.sum()]).detach().double()
+    t.optimizer.step()
+    return {name: value.detach().sum().double()
+            for name, value in (("objective", objective), ("recon", recon), ("kl", kl))}
 
 
-def add_partial(run, sums, ranks):
-    """Fold this epoch's device sums, added up over the ranks, into the run's partial sums."""
-    totals = sum_across(sums, ranks).tolist()
-    run["partial"]["sums"] = [a + b for a, b in zip(run["partial"]["sums"], totals)]
-    return run
-
-
-def train(run, data, epochs, ranks, ckpt_path, stop):
-    """Train to `epochs`, evaluating and checkpointing after each; a stop request checkpoints
-    the step reached, so resuming replays the rest of the epoch exactly. Non-finite numbers
-    never reach a checkpoint."""
-    s = run["settings"]
-    while run["epoch"] < epochs:
-        start, seconds_before = time.perf_counter(), run["train_seconds"]
-        try:
-            train_stats = train_epoch(run, data, ranks, stop)
-        except StopRequested:
-            refuse_non_finite(run, {"objective": sum(run["partial"]["sums"])}, {}, ckpt_path)
-            run["train_seconds"] = seconds_before + time.perf_counter() - start
-            if ranks.main:
-                save_checkpoint(run, ckpt_path)
-            raise
-        test_stats = evaluate(run["model"], data.images, data.test_idx, s["kl_weight"], s["seed"], ranks)
-        refuse_non_finite(run, train_stats, test_stats, ckpt_path)
-        seconds = time.perf_counter() - start
-        run.update(history=run["history"] + [{"epoch": run["epoch"] + 1, "train": train_stats,
-                                              "test": scalars(test_stats)}],
-                   epoch=run["epoch"] + 1, step=0, train_seconds=seconds_before + seconds,
-                   partial=empty_sums(), saved=True)
-        if ranks.main:
-            save_checkpoint(run, ckpt_path)
-        log_epoch(run, epochs, train_stats, test_stats, seconds)
-    return run
-
-
-def refuse_non_finite(run, train_stats, test_stats, ckpt_path):
-    """A NaN or inf anywhere stops the run before it can be saved; says what the checkpoint holds."""
+def refuse_non_finite(t, train_stats, test_stats, ckpt_path):
+    """A NaN or inf anywhere stops the run before it is saved; says what the checkpoint holds."""
     bad = {k: v for k, v in (train_stats | scalars(test_stats)).items() if not math.isfinite(v)}
     if not bad:
         return
     if not ckpt_path.exists():
         kept = "no checkpoint was written"
-    elif run.get("saved") or run.get("resumed"):
-        kept = f"{ckpt_path} still holds the last good state (epoch {run['epoch']})"
+    elif t.checkpointed:
+        kept = f"{ckpt_path} still holds the last good state (epoch {t.epoch})"
     else:
         kept = f"{ckpt_path}, from an earlier run, is left untouched"
-    raise UserError(f"training diverged at λ={weight_tag(run['settings']['kl_weight'])} in epoch "
-                    f"{run['epoch'] + 1} (non-finite {', '.join(sorted(bad))}): lower --lr; "
+    raise UserError(f"training diverged at λ={weight_tag(t.settings.kl_weight)} in epoch "
+                    f"{t.epoch + 1} (non-finite {', '.join(sorted(bad))}): lower --lr; "
                     f"nothing of this epoch was saved, {kept}")
 
 
@@ -753,25 +643,28 @@ def evaluate(model, images, idx, kl_weight, seed, ranks=None, batch_size=512):
     model.eval()
     d, device = model.to_moments.out_features // 2, images.device
     noise_gen = torch.Generator(device=device).manual_seed(seed)
-    sums = torch.zeros(3 + 3 * d, dtype=torch.float64, device=device)
+    sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name, shape in
+            (("recon", ()), ("kl", ()), ("mse", ()), ("kl_per_dim", d), ("mu", d), ("mu_sq", d))}
     for start in range(0, len(idx), batch_size):
         chunk = idx[start:start + batch_size]
-        noise = torch.randn((len(chunk), d), generator=noise_gen, device=device)[ranks.rank::ranks.world]
-        x = to_float(images[chunk[ranks.rank::ranks.world]])
+        noise = torch.randn((len(chunk), d), generator=noise_gen, device=device)
+        x, noise = to_float(images[chunk[ranks.rank::ranks.world]]), noise[ranks.rank::ranks.world]
         with torch.autocast(device.type, enabled=False):
             mu, logvar = model.encode(x)
-            recon, kl = loss_terms(model.decoder(mu + noise * torch.exp(0.5 * logvar)), x, mu, logvar)
+            z = mu + noise * torch.exp(0.5 * logvar)
+            recon, kl = loss_terms(model.decoder(z), x, mu, logvar)
             mse = (model.decode(mu) - x).pow(2).flatten(1).mean(1)
-        parts = [torch.stack([recon.sum(), kl.sum(), mse.sum()]),
-                 kl_per_dimension(mu, logvar).sum(0), mu.sum(0), mu.pow(2).sum(0)]
-        sums += torch.cat([p.double() for p in parts])
-    totals = sum_across(sums, ranks) / len(idx)
-    mu_mean, mu_sq = totals[3 + d:3 + 2 * d], totals[3 + 2 * d:]
-    out = dict(zip(("recon", "kl", "mse"), totals[:3].tolist()))
+        parts = {"recon": recon.sum(), "kl": kl.sum(), "mse": mse.sum(),
+                 "kl_per_dim": kl_per_dimension(mu, logvar).sum(0), "mu": mu.sum(0),
+                 "mu_sq": mu.pow(2).sum(0)}
+        for name, value in parts.items():
+            sums[name] += value.double()
+    mean = {name: sum_across(value, ranks) / len(idx) for name, value in sums.items()}
+    out = {name: mean[name].item() for name in ("recon", "kl", "mse")}
     out["neg_elbo"] = out["recon"] + out["kl"]
     out["objective"] = out["recon"] + kl_weight * out["kl"]
-    out["kl_per_dim"] = totals[3:3 + d].tolist()
-    out["mu_variance_per_dim"] = (mu_sq - mu_mean.pow(2)).clamp_min(0).tolist()
+    out["kl_per_dim"] = mean["kl_per_dim"].tolist()
+    out["mu_variance_per_dim"] = (mean["mu_sq"] - mean["mu"].pow(2)).clamp_min(0).tolist()
     out["active_units"] = sum(v > ACTIVE_UNIT_VARIANCE for v in out["mu_variance_per_dim"])
     out["kl_active_dims"] = sum(v > KL_ACTIVE_NATS for v in out["kl_per_dim"])
     return out
@@ -783,30 +676,27 @@ def scalars(stats):
 
 
 @torch.no_grad()
-def interpolate(model, x_a, x_b, steps=N_STEPS):
-    """Decoded points on the line between the posterior means of x_a and x_b (endpoints included)."""
-    mu_a, mu_b = model.encode(x_a[None])[0], model.encode(x_b[None])[0]
-    t = torch.linspace(0, 1, steps, device=mu_a.device)[:, None]
-    return model.decode((1 - t) * mu_a + t * mu_b)
-
-
-@torch.no_grad()
 def run_pictures(model, fixed_test, z):
-    """Reconstructions (posterior means), samples and interpolation rows, on the CPU as floats."""
+    """Reconstructions (posterior means), samples and interpolation rows (each pair of test
+    images with N_STEPS decoded points between their posterior means), on the CPU."""
     model.eval()
     recons = model.decode(model.encode(fixed_test)[0])
     samples = model.decode(z)
+    t = torch.linspace(0, 1, N_STEPS, device=z.device)[:, None]
     pairs = []
-    for i in range(min(N_PAIRS, len(fixed_test) // 2)):
-        a, b = fixed_test[2 * i], fixed_test[2 * i + 1]
-        pairs.append(torch.cat([a[None], interpolate(model, a, b), b[None]]))
+    for i in range(min(N_PAIRS, len(fixed_test) // 2)):     # the line between posterior means
+        ends = fixed_test[2 * i:2 * i + 2]
+        mu_a, mu_b = model.encode(ends)[0]
+        pairs.append(torch.cat([ends[:1], model.decode((1 - t) * mu_a + t * mu_b), ends[1:]]))
     return {"recons": recons.float().cpu(), "samples": samples.float().cpu(),
             "pairs": [p.float().cpu() for p in pairs]}
 
 
 def edge_energy(x):
     """Mean absolute difference between neighbouring pixels: a simple sharpness measure."""
-    return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()).item() / 2
+    rows = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    cols = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    return (rows + cols).item() / 2
 
 
 def picture_stats(pictures, fixed_test, mean_image):
@@ -819,15 +709,15 @@ def picture_stats(pictures, fixed_test, mean_image):
             "sample_pixel_std": samples.std(0).mean().item()}
 
 
-def finish_run(run, test, data, out):
-    """Write the figures of a trained (or interrupted) run; returns its metrics entry."""
-    w = run["settings"]["kl_weight"]
-    pictures = run_pictures(run["model"], data.fixed_test, data.z)
-    write_run_figures(out, w, run["history"], pictures, data.fixed_test, test)
-    return {"kl_weight": w, "epochs": run["epoch"], "test": scalars(test),
+def finish_run(t, test, data, out):
+    """Write the figures of a trained λ; returns its metrics entry and its pictures."""
+    w = t.settings.kl_weight
+    pictures = run_pictures(t.model, data.fixed_test, data.z)
+    write_run_figures(out, w, t.history, pictures, data.fixed_test, test)
+    return {"kl_weight": w, "epochs": t.epoch, "test": scalars(test),
             "kl_per_dim": test["kl_per_dim"], "mu_variance_per_dim": test["mu_variance_per_dim"],
             "pictures": picture_stats(pictures, data.fixed_test.float().cpu(), data.mean_image),
-            "history": run["history"]}, pictures
+            "history": t.history}, pictures
 
 
 # ======================================================================================
@@ -848,43 +738,37 @@ def run_all(cfg, ranks, device):
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     matplotlib.use("Agg")                # figures go to files, even where a display exists
     bf16 = use_bf16(cfg.amp, device)
+    torch.backends.cudnn.allow_tf32 = False     # float32 means float32 on cuDNN too
     if ranks.main:
         check_writable(cfg.out)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, device, ranks)
     log_plan(cfg, data, device, bf16, ranks)
-    entries, pictures, train_s = [], {}, {}
-    for w in cfg.kl_weights:
-        try:
-            trained = train_one_weight(cfg, w, data, device, bf16, ranks)
-        except StopRequested as stopped:
-            return finish_interrupted(cfg, stopped.run, data, ranks)
-        test = evaluate(trained["model"], data.images, data.test_idx, w, cfg.seed, ranks)
-        train_s[weight_tag(w)] = trained["train_seconds"]
+    try:
+        entries, pictures, train_s = train_every_weight(cfg, data, device, bf16, ranks)
+    except KeyboardInterrupt:            # the first Ctrl-C or SIGTERM, in one place
         if ranks.main:
-            entry, pictures[w] = finish_run(trained, test, data, cfg.out)
-            entries.append(entry)
+            print(f"interrupted: {cfg.out / 'checkpoints'} keeps the last finished epoch of "
+                  "each λ; continue with --resume", file=sys.stderr)
+        return 130
     if ranks.main:
         write_summary(cfg, data, entries, pictures,
                       timing(device, bf16, ranks, data, train_s, started, load_before))
     return 0
 
 
-def train_one_weight(cfg, kl_weight, data, device, bf16, ranks):
-    trained = start_or_resume(cfg, kl_weight, data.info["key"], device, bf16, ranks)
-    with stop_between_steps() as stop:
-        return train(trained, data, cfg.epochs, ranks, checkpoint_path(cfg.out, kl_weight), stop)
-
-
-def finish_interrupted(cfg, stopped, data, ranks):
-    """After a stop request: the checkpoint is saved; write this λ's figures so far, exit 130."""
-    s = stopped["settings"]
-    test = evaluate(stopped["model"], data.images, data.test_idx, s["kl_weight"], s["seed"], ranks)
-    if ranks.main:
-        finish_run(stopped, test, data, cfg.out)
-        print(f"interrupted: checkpoint saved to {checkpoint_path(cfg.out, s['kl_weight'])}, "
-              f"figures so far in {cfg.out}; continue with --resume", file=sys.stderr)
-    return 130
+def train_every_weight(cfg, data, device, bf16, ranks):
+    """Train (or resume), evaluate and draw one VAE per λ."""
+    entries, pictures, train_s = [], {}, {}
+    for w in cfg.kl_weights:
+        t = start_or_resume(cfg, w, data.info["key"], device, bf16, ranks)
+        train(t, data, cfg.epochs, ranks, checkpoint_path(cfg.out, w))
+        test = evaluate(t.model, data.images, data.test_idx, w, cfg.seed, ranks)
+        train_s[weight_tag(w)] = t.train_seconds
+        if ranks.main:
+            entry, pictures[w] = finish_run(t, test, data, cfg.out)
+            entries.append(entry)
+    return entries, pictures, train_s
 
 
 def write_summary(cfg, data, entries, pictures, run_timing):
@@ -903,10 +787,10 @@ def collect_metrics(cfg, data, entries):
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
               if f.name not in NOT_IN_METRICS}
     config.update(cache_dir=cfg.cache_folder, kl_weights=list(cfg.kl_weights))
+    info = {k: v for k, v in data.info.items() if k not in ("cache", "seconds", "decode_workers")}
     return summarise({
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
-        "data": {k: v for k, v in data.info.items() if k not in ("cache", "seconds", "decode_workers")}
-        | {"train": len(data.train_idx), "test": len(data.test_idx)},
+        "data": info | {"train": len(data.train_idx), "test": len(data.test_idx)},
         "runs": entries,
         "anchors": {"mean_image_mse": data.anchors["mean_image_mse"],
                     "lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None,
@@ -939,20 +823,9 @@ def summarise(x):
 # ======================================================================================
 
 
-def grid_image(images, nrow, pad=1):
-    """N×3×H×W floats -> one H'×W'×3 array, `nrow` images per row, with a white gutter.
-    (torchvision's make_grid would do; importing torchvision sets an environment variable.)"""
-    n, c, h, w = images.shape
-    cols, rows = min(nrow, n), math.ceil(n / nrow)
-    canvas = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
-    for i, image in enumerate(images.clamp(0, 1)):
-        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
-        canvas[:, top:top + h, left:left + w] = image
-    return canvas.permute(1, 2, 0).numpy()
-
-
 def show_grid(ax, images, nrow, title=None):
-    ax.imshow(grid_image(images, nrow), interpolation="nearest")
+    grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=1, pad_value=1)  # white gutters
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
@@ -973,31 +846,14 @@ def plot_learning_curve(history, kl_weight, path):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Learning curve, λ = {weight_tag(kl_weight)} (train: running mean over the epoch)")
+    fig.suptitle(f"Learning curve, λ = {weight_tag(kl_weight)} "
+                 "(train: running mean over the epoch)")
     save_figure_atomically(fig, path)
 
 
-def plot_reconstructions(originals, recons, kl_weight, path):
-    half = (len(originals) + 1) // 2
-    rows = [originals[:half], recons[:half], originals[half:], recons[half:]]
-    fig, ax = plt.subplots(figsize=(12, 3.4))
-    show_grid(ax, torch.cat([r for r in rows if len(r)]), half,
-              f"λ = {weight_tag(kl_weight)}: test images (rows 1, 3) and their reconstructions "
-              "from the posterior mean (rows 2, 4)")
-    save_figure_atomically(fig, path)
-
-
-def plot_samples(samples, kl_weight, path):
-    fig, ax = plt.subplots(figsize=(6, 6.3))
-    show_grid(ax, samples, 8, f"λ = {weight_tag(kl_weight)}: 64 samples from one fixed z ~ N(0, I)")
-    save_figure_atomically(fig, path)
-
-
-def plot_interpolations(pairs, kl_weight, path):
-    fig, ax = plt.subplots(figsize=(12, 1.1 * len(pairs) + 0.6))
-    show_grid(ax, torch.cat(pairs), N_STEPS + 2,
-              f"λ = {weight_tag(kl_weight)}: original, {N_STEPS} decoded steps between the "
-              "two posterior means, original")
+def plot_grid(images, nrow, title, figsize, path):
+    fig, ax = plt.subplots(figsize=figsize)
+    show_grid(ax, images, nrow, title)
     save_figure_atomically(fig, path)
 
 
@@ -1044,19 +900,26 @@ def figure_paths(out, kl_weight):
 
 
 def write_run_figures(out, kl_weight, history, pictures, fixed_test, test):
-    paths = figure_paths(out, kl_weight)
+    paths, tag = figure_paths(out, kl_weight), f"λ = {weight_tag(kl_weight)}"
     if history:
         plot_learning_curve(history, kl_weight, paths["learning_curve"])
-    plot_reconstructions(fixed_test.float().cpu(), pictures["recons"], kl_weight, paths["reconstructions"])
-    plot_samples(pictures["samples"], kl_weight, paths["samples"])
+    originals, recons = fixed_test.float().cpu(), pictures["recons"]
+    half = (len(originals) + 1) // 2
+    plot_grid(torch.cat([originals[:half], recons[:half], originals[half:], recons[half:]]), half,
+              f"{tag}: test images (rows 1, 3) and their reconstructions from the posterior "
+              "mean (rows 2, 4)", (12, 3.4), paths["reconstructions"])
+    plot_grid(pictures["samples"], 8, f"{tag}: 64 samples from one fixed z ~ N(0, I)", (6, 6.3),
+              paths["samples"])
     if pictures["pairs"]:
-        plot_interpolations(pictures["pairs"], kl_weight, paths["interpolations"])
+        plot_grid(torch.cat(pictures["pairs"]), N_STEPS + 2, f"{tag}: original, {N_STEPS} decoded "
+                  "steps between the two posterior means, original",
+                  (12, 1.1 * len(pictures["pairs"]) + 0.6), paths["interpolations"])
     plot_per_dimension(test["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE, kl_weight,
                        {"axis": "variance of the posterior mean\nover the test images",
                         "title": "active units (Burda et al. 2016)"}, paths["active_units"])
     plot_per_dimension(test["kl_per_dim"], KL_ACTIVE_NATS, kl_weight,
-                       {"axis": "mean KL over the test set, nats", "title": "KL per latent dimension"},
-                       paths["kl_per_dim"])
+                       {"axis": "mean KL over the test set, nats",
+                        "title": "KL per latent dimension"}, paths["kl_per_dim"])
 
 
 # ======================================================================================
@@ -1079,8 +942,6 @@ def layer_label(layer):
     label = type(layer).__name__
     if hasattr(layer, "kernel_size"):
         label += f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/{layer.stride[0]}"
-    if getattr(layer, "live", None):
-        label += f" (centre {layer.weight.shape[-2]}×{layer.weight.shape[-1]} taps)"
     if isinstance(layer, nn.LeakyReLU):
         label += f" {layer.negative_slope:g}"
     return label
@@ -1107,20 +968,14 @@ def architecture_table(model, image_size):
     return rows
 
 
-def unstored_taps(model):
-    """Weights of the seed's 4×4 kernels that the single-pixel layers do not store."""
-    return sum(m.weight.shape[:2].numel() * (math.prod(m.kernel_size) - m.weight.shape[2:].numel())
-               for m in model.modules() if getattr(m, "live", None))
-
-
 def describe_layers(layers):
     """'5 Conv2d (4×4, stride 2)' for the convolutions among `layers`, with their activation."""
     convs = [m for m in layers if hasattr(m, "kernel_size")]
     kinds = sorted({type(m).__name__ for m in convs})
     kernels = sorted({"×".join(map(str, m.kernel_size)) for m in convs})
     strides = sorted({str(m.stride[0]) for m in convs})
-    acts = sorted({layer_label(m) for m in layers if isinstance(m, (nn.LeakyReLU, nn.ReLU, nn.GELU,
-                                                                      nn.SiLU, nn.Tanh))})
+    acts = sorted({layer_label(m) for m in layers
+                   if isinstance(m, (nn.LeakyReLU, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh))})
     return (f"{len(convs)} {'/'.join(kinds)} layers ({', '.join(kernels)}, stride "
             f"{', '.join(strides)}) with {', '.join(acts) or 'no'} activations")
 
@@ -1130,78 +985,74 @@ def model_section(metrics, model):
     rows = architecture_table(model, cfg["image_size"])
     table = markdown_table(["layer", "output shape", "parameters"],
                            [(n, "×".join(map(str, s)), f"{p:,}") for n, s, p in rows])
+    size, decay = cfg["image_size"], cfg["lr_decay"]
+    centre = ("" if all(m.kernel_size == (4, 4) for m in model.modules()
+                        if hasattr(m, "kernel_size")) else
+              " The 2×2 kernels are the seed's 4×4 / stride 2 ones where the side is 2 or 1: "
+              "only their centre taps ever meet the image, the rest meet padding.")
     return f"""## Model and loss
 
 Encoder: {describe_layers(model.encoder)}, no pooling,
 then a linear layer giving μ and log σ² of a {cfg['latent_dim']}-dimensional Gaussian.
 Decoder: a linear layer, then {describe_layers(model.decoder)},
-and a {type(model.output).__name__} output. {parameter_sentence(rows, unstored_taps(model))}
+and a {type(model.output).__name__} output. {sum(p for _, _, p in rows):,} parameters.{centre}
 
 {table}
 
-Loss per image: reconstruction summed over the 3×{cfg['image_size']}×{cfg['image_size']} values plus
-λ·KL(q(z|x) ‖ N(0, I)) summed over the latent dimensions, averaged over the batch. The likelihood is
-**Bernoulli** (binary cross-entropy on the sigmoid's logits): it matches a sigmoid output in [0, 1],
-needs no noise scale — a Gaussian's fixed σ² would silently rescale the reconstruction term and so
-act as a second KL weight, confounding the λ comparison — and it is the usual choice for this
-assignment. Its cost: for pixels that are not 0 or 1 it is not a normalised density, so its minimum
-is the pixels' own binary entropy, not 0 — on this test set that floor is
-{fmt(anchors['recon_floor'])} nats/image, and "neg-ELBO" here is that of the Bernoulli model. Adam,
-learning rate {cfg['lr']}{f" multiplied by {cfg['lr_decay']} after each epoch" if cfg['lr_decay'] != 1 else ""}, batch {cfg['batch_size']}
-(fused Adam). Test numbers use one seeded posterior sample per
+Loss per image: reconstruction summed over the 3×{size}×{size} values plus
+λ·KL(q(z|x) ‖ N(0, I)) summed over the latent dimensions, averaged over the batch. The
+likelihood is **Bernoulli** (binary cross-entropy on the sigmoid's logits): it needs no noise
+scale, which for a Gaussian would act as a second KL weight and confound the λ comparison. For
+pixels that are not 0 or 1 it is not a normalised density: its minimum, the pixels' own binary
+entropy, is {fmt(anchors['recon_floor'])} nats/image on this test set, and "neg-ELBO" here is
+that of the Bernoulli model.
+Adam, learning rate {cfg['lr']}{f" multiplied by {decay} after each epoch" if decay != 1 else ""},
+batch {cfg['batch_size']} (fused Adam). Test numbers use one seeded posterior sample per
 image; MSE and reconstructions use the posterior mean.
 """
-
-
-def parameter_sentence(rows, unstored):
-    stored = sum(p for _, _, p in rows)
-    if not unstored:
-        return f"{stored:,} parameters."
-    return (f"{stored:,} parameters: the seed's layout has {stored + unstored:,}, but where a layer's "
-            f"input or output is a single pixel only its kernel's centre taps ever meet an image "
-            f"value, so the other {unstored:,} (zero gradient, never moved by Adam) are not stored.")
 
 
 def results_section(metrics):
     anchors, latent = metrics["anchors"], metrics["config"]["latent_dim"]
     rows = [(weight_tag(r["kl_weight"]), fmt(r["test"]["neg_elbo"]), fmt(r["test"]["recon"]),
-             fmt(r["test"]["kl"], 2), fmt(r["test"]["mse"], 4), f"{r['test']['active_units']}/{latent}",
-             f"{r['test']['kl_active_dims']}/{latent}",
+             fmt(r["test"]["kl"], 2), fmt(r["test"]["mse"], 4),
+             f"{r['test']['active_units']}/{latent}", f"{r['test']['kl_active_dims']}/{latent}",
              fmt(r["history"][-1]["train"]["objective"]) if r["history"] else "–")
             for r in metrics["runs"]]
-    rows.append(("anchor: mean training image", "", "", "", fmt(anchors["mean_image_mse"], 4), "", "", ""))
-    if anchors.get("lambda_0_mse") is not None:
-        rows.append(("anchor: λ = 0 model", "", "", "", fmt(anchors["lambda_0_mse"], 4), "", "", ""))
+    anchor_rows = [("mean training image", anchors["mean_image_mse"]),
+                   ("λ = 0 model", anchors.get("lambda_0_mse"))]
+    rows += [(f"anchor: {name}", "", "", "", fmt(mse, 4), "", "", "")
+             for name, mse in anchor_rows if mse is not None]
     table = markdown_table(["λ", "test neg-ELBO (nats)", "recon (nats)", "KL (nats)", "test MSE",
                             "active units", "KL-active dims", "train objective"], rows)
+    precision = "bfloat16 autocast" if metrics["timing"]["bf16_autocast"] else "float32"
     return f"""## Results (test set, per image)
 
 {table}
 
-Active units follow Burda et al. (2016): a latent dimension d is active when the variance over
-all test images of its posterior mean, Var_x(E_q[z_d]), exceeds {ACTIVE_UNIT_VARIANCE}
-(figure `lambda_<λ>_active_units.png`). "KL-active dims" is a different count: dimensions whose
-KL(q(z_d|x) ‖ N(0, 1)), averaged over the test images, exceeds {KL_ACTIVE_NATS} nats
-(figure `lambda_<λ>_kl_per_dim.png`). The two need not agree: a dimension can carry KL without
-being active (a posterior variance away from 1 while its mean stays put), and one whose mean
-varies just above the threshold carries less than {KL_ACTIVE_NATS} nats. Training used
-{"bfloat16 autocast" if metrics["timing"]["bf16_autocast"] else "float32"}; every test number is
-computed in float32.
+Active units (Burda et al. 2016): dimensions whose posterior mean varies over the test images
+with variance Var_x(E_q[z_d]) above {ACTIVE_UNIT_VARIANCE} (`lambda_<λ>_active_units.png`).
+KL-active dims: dimensions whose mean KL(q(z_d|x) ‖ N(0, 1)) exceeds {KL_ACTIVE_NATS} nats
+(`lambda_<λ>_kl_per_dim.png`). They need not agree: a posterior variance away from 1 carries KL
+while the mean stays put. Training used {precision}; every test number is computed in float32
+(TF32 off on CUDA).
 """
 
 
 def preprocessing_section(metrics):
     cfg, data = metrics["config"], metrics["data"]
-    skipped = (f"{len(data['skipped'])} unreadable files were skipped ({name_some(data['skipped'])}). "
-               if data["skipped"] else "No file was unreadable. ")
-    upscaled = (f"{len(data['upscaled'])} images smaller than {cfg['image_size']}px were upscaled. "
+    size = cfg["image_size"]
+    skipped = (f"{len(data['skipped'])} unreadable files were skipped "
+               f"({name_some(data['skipped'])}). " if data["skipped"]
+               else "No file was unreadable. ")
+    upscaled = (f"{len(data['upscaled'])} images smaller than {size}px were upscaled. "
                 if data["upscaled"] else "")
     return f"""## Preprocessing
 
-{data['files_found']:,} image files in `{data['folder']}` (searched recursively); {data['images']:,} decoded.
-{skipped}{upscaled}Each image is converted to RGB (transparency over white), cropped to its central
-square, resized to {cfg['image_size']}×{cfg['image_size']} with an antialiasing bilinear filter (JPEGs are first
-decoded at a reduced DCT scale, PIL's draft mode) and scaled to [0, 1]. The decoded uint8 tensor is
+{data['files_found']:,} image files in `{data['folder']}` (searched recursively);
+{data['images']:,} decoded. {skipped}{upscaled}Each image is decoded by torchvision, converted
+to RGB (transparency over white), cropped to its central square, resized to {size}×{size}
+with antialiased bilinear interpolation and scaled to [0, 1]. The decoded uint8 tensor is
 cached, keyed by the file list (paths, sizes, mtimes) and the size. Split by seed {cfg['seed']}:
 {data['train']:,} training and {data['test']:,} test images.
 """
@@ -1218,20 +1069,24 @@ def figures_section(metrics, out):
 
 
 def timing_section(timing):
+    per_weight = ", ".join(f"λ = {w}: {fmt(s)} s" for w, s in timing["train_s"].items())
     return f"""## Timing
 
 Data: {fmt(timing['data_s'])} s (cache {timing['cache']}). Training:
-{', '.join(f"λ = {w}: {fmt(s)} s" for w, s in timing['train_s'].items())}.
-Load average before / after: {timing['load_before']} / {timing['load_after']} on {timing['cpus']} CPUs.
+{per_weight}.
+Load average before / after: {timing['load_before']} / {timing['load_after']} on \
+{timing['cpus']} CPUs.
 """
 
 
 def build_report(metrics, model, out):
     cfg, timing = metrics["config"], metrics["timing"]
-    header = f"""# VAE on anime faces: the KL weight λ at {', '.join(weight_tag(r['kl_weight']) for r in metrics['runs'])}
+    weights = ", ".join(weight_tag(r["kl_weight"]) for r in metrics["runs"])
+    header = f"""# VAE on anime faces: the KL weight λ at {weights}
 
 Generated by `vae_anime.py` from `metrics.json`; every number below is measured in this run
-({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, total {fmt(timing['total_s'] / 60)} min).
+({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, \
+total {fmt(timing['total_s'] / 60)} min).
 """
     discussion_md = "## What the numbers say about the KL term\n\n" + discussion(metrics) + "\n"
     return "\n".join([header, preprocessing_section(metrics), model_section(metrics, model),
@@ -1243,43 +1098,50 @@ def discussion(metrics):
     """Sentences about the KL term, each conditional on what the measured numbers show."""
     runs = {r["kl_weight"]: r for r in metrics["runs"]}
     lines = [best_elbo_line(runs)]
-    lines += [strong_kl_line(w, r, metrics) for w, r in sorted(runs.items(), reverse=True) if w > 1]
+    lines += [strong_kl_line(w, r, metrics) for w, r in sorted(runs.items(), reverse=True)
+              if w > 1]
     if 0.0 in runs:
         lines.append(lambda_0_line(runs))
+    sharpness = ", ".join(f"λ = {weight_tag(w)}: reconstructions "
+                          f"{fmt(r['pictures']['recon_sharpness'], 2)}, "
+                          f"samples {fmt(r['pictures']['sample_sharpness'], 2)}"
+                          for w, r in runs.items())
     lines.append("- Sharpness (mean neighbouring-pixel difference relative to real test images): "
-                 + ", ".join(f"λ = {weight_tag(w)}: reconstructions {fmt(r['pictures']['recon_sharpness'], 2)}, "
-                             f"samples {fmt(r['pictures']['sample_sharpness'], 2)}"
-                             for w, r in runs.items()) + ". Below 1 means blurrier than the data.")
+                 f"{sharpness}. Below 1 means blurrier than the data.")
     return "\n".join(lines)
 
 
 def best_elbo_line(runs):
     best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
-    verdict = (", as expected, since only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
+    verdict = (", as expected, since only λ = 1 optimises the ELBO itself."
+               if best["kl_weight"] == 1
                else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
                if 1.0 in runs else ".")
-    return (f"- The lowest test negative ELBO (λ = 1 accounting) is at λ = {weight_tag(best['kl_weight'])}: "
-            f"{fmt(best['test']['neg_elbo'])} nats/image" + verdict)
+    return (f"- The lowest test negative ELBO (λ = 1 accounting) is at "
+            f"λ = {weight_tag(best['kl_weight'])}: {fmt(best['test']['neg_elbo'])} nats/image"
+            + verdict)
 
 
 def strong_kl_line(w, r, metrics):
     """λ > 1: has the posterior collapsed, and are the samples just the mean face?"""
     latent, mean_mse = metrics["config"]["latent_dim"], metrics["anchors"]["mean_image_mse"]
-    t, s = r["test"], r["pictures"]
+    t, to_mean = r["test"], r["pictures"]["sample_mse_to_mean_image"]
     collapsed = t["active_units"] <= max(1, latent // 10)
     state = ("the posterior has collapsed onto the prior: no latent dimension's posterior mean "
-             f"varies across images by more than {ACTIVE_UNIT_VARIANCE}" if t["active_units"] == 0 else
+             f"varies across images by more than {ACTIVE_UNIT_VARIANCE}"
+             if t["active_units"] == 0 else
              "the posterior has largely collapsed onto the prior" if collapsed
              else "the posterior has not collapsed (many units stay active)")
-    near_mean = s["sample_mse_to_mean_image"] < 0.5 * mean_mse
-    samples = (f"Its samples sit close to the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)}, "
-               f"while real test images are {fmt(mean_mse, 4)} from it)." if near_mean else
-               f"Its samples are not just the mean face (MSE to it {fmt(s['sample_mse_to_mean_image'], 4)} "
+    samples = (f"Its samples sit close to the mean face (MSE to it {fmt(to_mean, 4)}, "
+               f"while real test images are {fmt(mean_mse, 4)} from it)."
+               if to_mean < 0.5 * mean_mse else
+               f"Its samples are not just the mean face (MSE to it {fmt(to_mean, 4)} "
                f"vs {fmt(mean_mse, 4)} for real images).")
-    return (f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with {t['active_units']}/{latent} "
-            f"active units; {state}. Its test MSE is {fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for "
-            "always predicting the mean training image"
-            + (" — no better than the mean face" if t["mse"] >= 0.95 * mean_mse else "") + ". " + samples)
+    no_better = " — no better than the mean face" if t["mse"] >= 0.95 * mean_mse else ""
+    return (f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with "
+            f"{t['active_units']}/{latent} active units; {state}. Its test MSE is "
+            f"{fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for always predicting the mean "
+            f"training image{no_better}. {samples}")
 
 
 def lambda_0_line(runs):
@@ -1288,24 +1150,26 @@ def lambda_0_line(runs):
     sharpest = all(r0["test"]["mse"] < r["test"]["mse"] for w, r in runs.items() if w != 0)
     line = (f"- λ = 0 (a plain autoencoder with noise): test MSE {fmt(r0['test']['mse'], 4)}, "
             + ("the lowest of all runs, so its reconstructions are the most faithful" if sharpest
-               else "not the lowest of all runs, so the numbers do not show it reconstructing best")
-            + f" (edge sharpness {fmt(r0['pictures']['recon_sharpness'], 2)} of the real images'). ")
+               else "not the lowest of all runs, so the numbers do not show it reconstructing "
+                    "best")
+            + f" (edge sharpness {fmt(r0['pictures']['recon_sharpness'], 2)} of the real "
+              "images'). ")
     if 1.0 not in runs:
         return line
     kl0, kl1 = r0["test"]["kl"], runs[1.0]["test"]["kl"]
+    far = ("prior draws land far from the codes the decoder was trained on" if kl0 > 2 * kl1
+           else "its codes are not much further from the prior than λ = 1's")
     line += (f"Nothing pulls its posterior towards N(0, I): KL {fmt(kl0)} nats/image vs "
-             f"{fmt(kl1)} at λ = 1, so " + ("prior draws land far from the codes the decoder "
-                                             "was trained on" if kl0 > 2 * kl1 else
-                                             "its codes are not much further from the prior than λ = 1's"))
+             f"{fmt(kl1)} at λ = 1, so {far}")
     s0, s1 = r0["pictures"], runs[1.0]["pictures"]
-    worse = [what for what, bad in (("blurrier", s0["sample_sharpness"] < s1["sample_sharpness"]),
-                                    ("less varied", s0["sample_pixel_std"] < s1["sample_pixel_std"]))
-             if bad]
-    return line + (f". Its prior samples are {' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
+    worse = [what for what, key in (("blurrier", "sample_sharpness"),
+                                    ("less varied", "sample_pixel_std")) if s0[key] < s1[key]]
+    return line + (f". Its prior samples are "
+                   f"{' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
                    f" than λ = 1's (sharpness {fmt(s0['sample_sharpness'], 2)} vs "
                    f"{fmt(s1['sample_sharpness'], 2)}; pixel std across the 64 samples "
-                   f"{fmt(s0['sample_pixel_std'], 3)} vs {fmt(s1['sample_pixel_std'], 3)}); whether they "
-                   "look like faces is for the samples figure to show.")
+                   f"{fmt(s0['sample_pixel_std'], 3)} vs {fmt(s1['sample_pixel_std'], 3)}); "
+                   "whether they look like faces is for the samples figure to show.")
 
 
 # ======================================================================================
@@ -1345,13 +1209,14 @@ def log_data(info):
 def log_plan(cfg, data, device, bf16, ranks):
     log.info(f"device {device} ({'bfloat16 autocast' if bf16 else 'float32'}, {ranks.world} "
              f"process{'es' if ranks.world > 1 else ''}); {len(data.train_idx)} train / "
-             f"{len(data.test_idx)} test images; λ = {', '.join(map(weight_tag, cfg.kl_weights))}; "
-             f"{cfg.epochs} epochs each")
+             f"{len(data.test_idx)} test images; "
+             f"λ = {', '.join(map(weight_tag, cfg.kl_weights))}; {cfg.epochs} epochs each")
 
 
-def log_epoch(run, epochs, train_stats, test_stats, seconds):
-    log.info(f"λ={weight_tag(run['settings']['kl_weight']):>4} epoch {run['epoch']:>3}/{epochs}  "
-             f"train obj {train_stats['objective']:8.1f} neg-ELBO {train_stats['neg_elbo']:7.1f} | "
+def log_epoch(t, epochs, train_stats, test_stats, seconds):
+    log.info(f"λ={weight_tag(t.settings.kl_weight):>4} epoch {t.epoch:>3}/{epochs}  "
+             f"train obj {train_stats['objective']:8.1f} "
+             f"neg-ELBO {train_stats['neg_elbo']:7.1f} | "
              f"test obj {test_stats['objective']:8.1f} neg-ELBO {test_stats['neg_elbo']:7.1f} "
              f"recon {test_stats['recon']:7.1f} KL {test_stats['kl']:6.1f}  ({seconds:.0f} s)")
 
@@ -1367,34 +1232,45 @@ class Ranks:
         return self.rank == 0
 
 
+def cuda_device_for(local_rank, visible):
+    """torchrun's LOCAL_RANK -> this rank's GPU; more ranks than GPUs is a user error."""
+    if local_rank >= visible:
+        raise UserError(f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but {visible} "
+                        f"CUDA device(s) are visible: start torchrun with --nproc_per_node at "
+                        f"most {visible}, or pass --device cpu")
+    return torch.device("cuda", local_rank)
+
+
 @contextlib.contextmanager
 def process_group(device_name):
     """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, gloo on the CPU)
     and take this rank's GPU; otherwise a plain single process. Yields (ranks, device)."""
     device = choose_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield Ranks(), device
         return
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = cuda_device_for(int(os.environ.get("LOCAL_RANK", "0")),
+                                 torch.cuda.device_count())
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Rank 0 may decode a large --data-dir while the others wait at a barrier: a long timeout.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None,
+                            timeout=datetime.timedelta(hours=2))
     ranks = Ranks(dist.get_rank(), dist.get_world_size())
     if not ranks.main:
         log.setLevel(logging.ERROR)       # one log, from rank 0
     try:
         yield ranks, device
         # Rank 0 still writes figures and reports when the others are done; a gloo rank that
-        # tore its group down first was seen to abort ("terminate called without an active
-        # exception"), so every rank waits for the last one before leaving.
+        # tore its group down first was seen to abort, so every rank waits for the last one.
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def data_parallel(model, device, ranks):
-    """The module that training calls: DDP (gradients all-reduced) under torchrun, else the model."""
+    """What training calls: DDP (gradients all-reduced) under torchrun, else the model."""
     if ranks.world == 1:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
@@ -1402,7 +1278,8 @@ def data_parallel(model, device, ranks):
 
 
 def sum_across(tensor, ranks):
-    """The tensor summed over all ranks (a copy; the tensor itself is left as it was)."""
+    """The tensor summed over all ranks (a copy). Every caller's tensor lives on the training
+    device, which under nccl is this rank's GPU: nccl has no CPU tensors."""
     total = tensor.clone()
     if ranks.world > 1:
         dist.all_reduce(total)
@@ -1414,19 +1291,9 @@ def barrier(ranks):
         dist.barrier()
 
 
-def stop_requested(flag, ranks, step):
-    """Whether to stop before this step. Under torchrun the ranks agree every LOG_EVERY steps
-    (one tiny all-reduce), so all of them stop at the same step."""
-    if ranks.world == 1:
-        return bool(flag)
-    if step % LOG_EVERY:
-        return False
-    return bool(sum_across(torch.tensor([float(bool(flag))]), ranks).item())
-
-
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM behaves like Ctrl-C everywhere (training turns both into a stop between steps)."""
+    """SIGTERM behaves like Ctrl-C (a KeyboardInterrupt) everywhere."""
     def on_term(signum, frame):
         raise KeyboardInterrupt
 

@@ -1,5 +1,6 @@
-"""Quality per second of vae_anime.py's training step: today's settings against the new ones,
-for the same wall-clock budget, side by side in one run.
+"""Quality per second of vae_anime.py's training step: the seed's 4×4 single-pixel layers
+against the script's kernel-2 ones (and a few other settings), for the same wall-clock budget,
+side by side in one run.
 
     python bench/bench_vae_anime.py [--budget 60] [--slice 5] [--out figures/bench/vae_anime]
 
@@ -26,85 +27,59 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-# (name, batch size, learning rate, step, bfloat16 autocast); "today" is the step of
-# vae_anime.py before the change (torch's convolution modules, plain Adam, three host syncs per
-# step), "new" is vae_anime.train_step with the script's layers, "fused" the same step with
-# torch's convolution modules, to tell the two changes apart.
+# (name, batch size, learning rate, layers, bfloat16 autocast); "seed" has the seed's 4×4
+# kernels in the two single-pixel layers (outer taps zero, so the same function), "ours" the
+# script's kernel-2 layers; every setting uses vae_anime.train_step.
 CONTESTANTS = [
-    ("today: Adam, float32, host syncs every step", 64, 1e-3, "today", False),
-    ("fused Adam, no per-step sync, torch's convolutions", 64, 1e-3, "fused", False),
-    ("new: + single-pixel layers keep only their centre taps", 64, 1e-3, "new", False),
-    ("new + bfloat16 autocast", 64, 1e-3, "new", True),
-    ("new, batch 128", 128, 1e-3, "new", False),
-    ("new, batch 128, lr 2e-3", 128, 2e-3, "new", False),
-    ("new, batch 256", 256, 1e-3, "new", False),
+    ("seed's 4×4 layers", 64, 1e-3, "seed", False),
+    ("ours: kernel-2 single-pixel layers", 64, 1e-3, "ours", False),
+    ("ours + bfloat16 autocast", 64, 1e-3, "ours", True),
+    ("ours, batch 128", 128, 1e-3, "ours", False),
+    ("ours, batch 256", 256, 1e-3, "ours", False),
 ]
 SOLO = vae_anime.Ranks()
 
 
-def with_torch_convolutions(model):
-    """The model with torch's own Conv2d / ConvTranspose2d in place of the script's subclasses,
-    computing the same function: the layers as they were before the single-pixel layers kept
-    only their centre taps (the outer taps, which only ever meet padding, set to zero)."""
+def with_seed_layers(model):
+    """The model with the seed's 4×4 / stride 2 / padding 1 layers in place of the kernel-2
+    ones, computing the same function: the centre taps copied, the outer taps (which only ever
+    meet padding) zero."""
     for layers in (model.encoder, model.decoder):
         for i, layer in enumerate(layers):
-            for ours, theirs in ((vae_anime.Conv2d, torch.nn.Conv2d),
-                                 (vae_anime.ConvTranspose2d, torch.nn.ConvTranspose2d)):
-                if type(layer) is ours:
-                    layers[i] = theirs(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                       layer.stride, layer.padding)
-                    with torch.no_grad():
-                        live = layer.live or slice(None)
-                        layers[i].weight.zero_()[:, :, live, live] = layer.weight
-                        layers[i].bias.copy_(layer.bias)
+            if getattr(layer, "kernel_size", None) == (2, 2):
+                seed = type(layer)(layer.in_channels, layer.out_channels, 4, 2, 1)
+                with torch.no_grad():
+                    seed.weight.zero_()[:, :, 1:3, 1:3] = layer.weight
+                    seed.bias.copy_(layer.bias)
+                layers[i] = seed
     return model
 
 
-def today_step(run, images, batch, ranks):
-    """The training step as vae_anime.py had it: plain Adam, a NaN check and sums read back
-    to the host every step."""
-    s = run["settings"]
-    x = vae_anime.to_float(images[batch])
-    noise = torch.randn((len(x), s["latent_dim"]), generator=run["noise_gen"])
-    logits, mu, logvar = run["net"](x, noise)
-    recon, kl = vae_anime.loss_terms(logits, x, mu, logvar)
-    loss = (recon + s["kl_weight"] * kl).mean()
-    value = loss.item()
-    if value != value:
-        raise RuntimeError("the loss became NaN")
-    run["optimizer"].zero_grad(set_to_none=True)
-    loss.backward()
-    run["optimizer"].step()
-    return torch.tensor([value * len(x), recon.detach().sum().item(), kl.detach().sum().item()])
-
-
 class Contestant:
-    """One setting's run: its model, optimiser, position in the epoch and time spent."""
+    """One setting's training: its model, optimiser, position in the epoch and time spent."""
 
-    def __init__(self, name, batch_size, lr, kind, bf16, data_key):
+    def __init__(self, name, batch_size, lr, layers, bf16, data_key):
         self.name, self.batch_size, self.lr = name, batch_size, lr
-        settings = {"kl_weight": 1.0, "seed": 0, "image_size": 32, "latent_dim": 128,
-                    "batch_size": batch_size, "lr": lr, "test_fraction": 0.1, "amp": bf16,
-                    "device": "cpu"}
-        self.run = vae_anime.new_run(settings, data_key, torch.device("cpu"), SOLO)
-        if kind in ("today", "fused"):
-            self.run["model"] = self.run["net"] = with_torch_convolutions(self.run["model"])
-            self.run["optimizer"] = torch.optim.Adam(self.run["model"].parameters(), lr=lr,
-                                                     fused=kind == "fused")
-        self.flops = training_flops_per_image(self.run["model"], batch_size)
-        self.step = today_step if kind == "today" else vae_anime.train_step
+        settings = vae_anime.RunSettings(kl_weight=1.0, seed=0, image_size=32, latent_dim=128,
+                                         batch_size=batch_size, lr=lr, lr_decay=1.0,
+                                         test_fraction=0.1, amp=bf16, device="cpu")
+        self.t = vae_anime.new_training(settings, data_key, torch.device("cpu"), SOLO)
+        if layers == "seed":
+            self.t.model = self.t.net = with_seed_layers(self.t.model)
+            self.t.optimizer = torch.optim.Adam(self.t.model.parameters(), lr=lr, fused=True)
+        self.flops = training_flops_per_image(self.t.model, batch_size)
         self.seconds, self.images, self.epoch, self.position, self.order = 0.0, 0, 0, 0, None
 
     def train_for(self, seconds, images, train_idx):
         """Steps until `seconds` have passed; full batches only, epochs as in the script."""
-        self.run["net"].train()
+        self.t.net.train()
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             if self.order is None or self.position + self.batch_size > len(self.order):
                 self.order = train_idx[vae_anime.epoch_order(len(train_idx), 0, self.epoch)]
                 self.epoch, self.position = self.epoch + 1, 0
             batch = self.order[self.position:self.position + self.batch_size]
-            self.step(self.run, images, batch, SOLO)
+            vae_anime.train_step(self.t, images, batch, SOLO)
             self.position += self.batch_size
             self.images += self.batch_size
         self.seconds += time.perf_counter() - start
@@ -124,8 +99,8 @@ def matmul_peak(dtype, n=1024, seconds=1.5):
 
 def training_flops_per_image(model, batch_size):
     """Forward plus backward FLOPs of one training image as `model` computes them, counted by
-    torch's FLOP counter (the single-pixel layers as matrix multiplies skip the products with
-    padding zeros that a convolution counts)."""
+    torch's FLOP counter (the kernel-2 layers skip the products with padding zeros that the
+    seed's 4×4 layers compute)."""
     x = torch.rand(batch_size, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         logits, mu, logvar = model(x, torch.randn(batch_size, 128))
@@ -138,7 +113,7 @@ def training_flops_per_image(model, batch_size):
 def samples_figure(contestants, z, path):
     fig, axes = plt.subplots(1, len(contestants), figsize=(3.3 * len(contestants), 3.8))
     for ax, c in zip(axes, contestants):
-        pictures = vae_anime.run_pictures(c.run["model"], torch.zeros(0, 3, 32, 32), z)
+        pictures = vae_anime.run_pictures(c.t.model, torch.zeros(0, 3, 32, 32), z)
         vae_anime.show_grid(ax, pictures["samples"][:36], 6,
                             "\n".join([*textwrap.wrap(c.name, 34),
                                        f"batch {c.batch_size}: neg-ELBO {c.neg_elbo:,.1f}"]))
@@ -149,7 +124,7 @@ def samples_figure(contestants, z, path):
 
 def results_table(contestants, peaks, n_train):
     base = contestants[0]
-    lines = ["| setting | batch | lr | images/s | vs today | MFLOP/image | GFLOP/s | % fp32 peak | % bf16 peak "
+    lines = ["| setting | batch | lr | images/s | vs seed | MFLOP/image | GFLOP/s | % fp32 peak | % bf16 peak "
              "| epochs | held-out neg-ELBO |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in contestants:
         rate = c.images / c.seconds
@@ -194,7 +169,7 @@ def main():
         print(f"  {min(c.seconds for c in contestants):.0f}/{args.budget:.0f} s each, load {load[-1]:.2f}",
               flush=True)
     for c in contestants:
-        c.neg_elbo = vae_anime.evaluate(c.run["model"], images, test_idx, 1.0, 0)["neg_elbo"]
+        c.neg_elbo = vae_anime.evaluate(c.t.model, images, test_idx, 1.0, 0)["neg_elbo"]
     after = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     peaks = {k: max(v, after[k]) for k, v in peaks.items()}
     table = results_table(contestants, peaks, len(train_idx))
