@@ -750,7 +750,7 @@ def run_all(cfg, ranks, device):
         if ranks.main:
             print(f"interrupted: {cfg.out / 'checkpoints'} keeps the last finished epoch of "
                   "each λ; continue with --resume", file=sys.stderr)
-        return 130
+        raise SystemExit(130) from None  # not a return: ranks must skip the closing barrier
     if ranks.main:
         write_summary(cfg, data, entries, pictures,
                       timing(device, bf16, ranks, data, train_s, started, load_before))
@@ -968,18 +968,6 @@ def architecture_table(model, image_size):
     return rows
 
 
-def describe_layers(layers):
-    """'5 Conv2d (4×4, stride 2)' for the convolutions among `layers`, with their activation."""
-    convs = [m for m in layers if hasattr(m, "kernel_size")]
-    kinds = sorted({type(m).__name__ for m in convs})
-    kernels = sorted({"×".join(map(str, m.kernel_size)) for m in convs})
-    strides = sorted({str(m.stride[0]) for m in convs})
-    acts = sorted({layer_label(m) for m in layers
-                   if isinstance(m, (nn.LeakyReLU, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh))})
-    return (f"{len(convs)} {'/'.join(kinds)} layers ({', '.join(kernels)}, stride "
-            f"{', '.join(strides)}) with {', '.join(acts) or 'no'} activations")
-
-
 def model_section(metrics, model):
     cfg, anchors = metrics["config"], metrics["anchors"]
     rows = architecture_table(model, cfg["image_size"])
@@ -992,10 +980,8 @@ def model_section(metrics, model):
               "only their centre taps ever meet the image, the rest meet padding.")
     return f"""## Model and loss
 
-Encoder: {describe_layers(model.encoder)}, no pooling,
-then a linear layer giving μ and log σ² of a {cfg['latent_dim']}-dimensional Gaussian.
-Decoder: a linear layer, then {describe_layers(model.decoder)},
-and a {type(model.output).__name__} output. {sum(p for _, _, p in rows):,} parameters.{centre}
+Encoder, a Gaussian latent of {cfg['latent_dim']} dimensions (μ and log σ²) and decoder, layer
+by layer as traced through the model: {sum(p for _, _, p in rows):,} parameters.{centre}
 
 {table}
 
