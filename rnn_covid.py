@@ -788,17 +788,9 @@ def majority_class(ds, split):
     return np.full(len(ds.sets[split][1]), int(ds.sets["train"][1].mean() > 0.5))
 
 
-def always_one(ds, split):
-    return np.ones(len(ds.sets[split][1]), dtype=int)
-
-
 def persistence(ds, split):
     """Tomorrow's label is today's: the label of day t-1."""
     return label_on(ds.dC, ds.label_days(split) - 1, ds.label).ravel()
-
-
-def anti_persistence(ds, split):
-    return 1 - persistence(ds, split)
 
 
 def weekly_persistence(ds, split):
@@ -827,10 +819,11 @@ class Baseline:
 BASELINES = {
     "majority class": Baseline(majority_class, False, dict(color="grey", ls=":"),
                                "majority class of training"),
-    "always rise": Baseline(always_one, False, dict(color="orange", ls=":"), "always 1"),
+    "always rise": Baseline(lambda ds, split: np.ones(len(ds.sets[split][1]), dtype=int),
+                            False, dict(color="orange", ls=":"), "always 1"),
     "persistence": Baseline(persistence, False, dict(color="b", ls=":"), "today's label again"),
-    "anti-persistence": Baseline(anti_persistence, False, dict(color="r", ls=":"),
-                                 "the opposite of today's"),
+    "anti-persistence": Baseline(lambda ds, split: 1 - persistence(ds, split), False,
+                                 dict(color="r", ls=":"), "the opposite of today's"),
     "weekly persistence": Baseline(weekly_persistence, False, dict(color="g", ls=":"),
                                    "the label of a week ago"),
     "logistic regression": Baseline(logistic_regression, True,
@@ -892,18 +885,11 @@ def summarise(trainings):
             for (model, L), ss in groups.items()}
 
 
-@dataclass
-class Sweep:
-    summary: dict    # (model, L) -> Summary over the sweep seeds
-    baselines: dict  # L -> baseline name -> test accuracy
-
-
 def sweep_results(trained, datasets, cfg):
-    """Test metrics per (model, L) over the sweep seeds, and every baseline's accuracy per L."""
+    """(model, L) -> Summary over the sweep seeds, and L -> baseline -> test accuracy."""
     runs = [t for (c, L, s), t in trained.items() if L in cfg.sweep_L and s in sweep_seeds(cfg)]
-    by_L = {L: {n: m.accuracy for n, m in evaluate_baselines(datasets[L]).items()}
-            for L in cfg.sweep_L}
-    return Sweep(summarise(runs), by_L)
+    return summarise(runs), {L: {n: m.accuracy for n, m in evaluate_baselines(datasets[L]).items()}
+                             for L in cfg.sweep_L}
 
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -1053,8 +1039,8 @@ def run(argv=None):
     clock = Clock()
     device = choose_device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    # Each training seeds itself; seeding once here as well sets torch's deterministic mode up
-    # (an import of about a second) before the workers fork, so they do not each pay for it.
+    # Each training seeds itself; seeding here as well sets torch's deterministic mode up once,
+    # before the workers fork, so that they do not each pay for it.
     seed_everything(cfg.seed)
     d, layout, negatives = load_daily_cases(cfg)
     corr, zero_var, C = countries_of_C(d, cfg.threshold)
@@ -1068,14 +1054,14 @@ def run(argv=None):
     clock.lap("train")
     selection = choose_model(trained, cfg)
     evaluation = evaluate(trained, datasets, cfg, selection)
-    sweep = sweep_results(trained, datasets, cfg)
+    sweep, sweep_baselines = sweep_results(trained, datasets, cfg)
     clock.lap("evaluation")
     world = world_frame(d, C, trained, cfg, selection.chosen_model)
     world_map = write_world_map(world, cfg.out, cfg.topojson_dir,
                                 *map_words(d, C, cfg, selection), LABELS[cfg.label])
     clock.lap("map")
     outcome = Outcome(cfg, data_summary(d, layout, negatives, zero_var, C, datasets[cfg.L]),
-                      trained, selection, evaluation, sweep, world_map,
+                      trained, selection, evaluation, sweep, sweep_baselines, world_map,
                       clock.record(device, cfg.threads, workers, trained))
     write_outputs(outcome)
     return 0
@@ -1159,7 +1145,8 @@ class Outcome:
     trained: dict       # (model, L, seed) -> Training
     selection: Selection
     evaluation: Evaluation
-    sweep: Sweep
+    sweep: dict            # (model, L) -> Summary over the sweep seeds
+    sweep_baselines: dict  # L -> baseline -> test accuracy
     map: "WorldMap"
     timing: dict
 
@@ -1184,14 +1171,14 @@ def metrics_record(o):
             "gaps": {c: {n: asdict(g) for n, g in gs.items()} for c, gs in ev.gaps.items()},
             "verdict": verdict, "map_model": asdict(ev.map_model),
             "selection": asdict(o.selection), "models": [t.record() for t in o.trained.values()],
-            "sweep": by_name(o.sweep.summary.values()),
-            "sweep_baselines": {str(L): accs for L, accs in o.sweep.baselines.items()},
+            "sweep": by_name(o.sweep.values()),
+            "sweep_baselines": {str(L): accs for L, accs in o.sweep_baselines.items()},
             "map": asdict(o.map), "timing": o.timing}
 
 
 def write_outputs(o):
-    if o.sweep.summary:
-        plot_sweep(o.sweep, o.cfg.out)
+    if o.sweep:
+        plot_sweep(o.sweep, o.sweep_baselines, o.cfg.out)
     write_text_atomically(o.cfg.out / "REPORT.md", build_report(o))
     write_text_atomically(o.cfg.out / "metrics.json",
                           json.dumps(metrics_record(o), indent=2) + "\n")
@@ -1246,18 +1233,18 @@ def plot_all_learning_curves(trained, cfg):
         plot_learning_curves(trained[(cell, cfg.L, cfg.seed)], cfg.out)
 
 
-def plot_sweep(sweep, out):
+def plot_sweep(sweep, baselines, out):
     """Test accuracy against L per model (mean ± std over seeds) and per baseline."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for cell in MODELS:
         pts = sorted((s.L, s.accuracy.mean, s.accuracy.std or 0.0)
-                     for s in sweep.summary.values() if s.model == cell)
+                     for s in sweep.values() if s.model == cell)
         if pts:
             Ls, m, s = zip(*pts)
             ax.errorbar(Ls, m, yerr=s, marker="o", capsize=3, label=cell.upper())
-    Ls = sorted(sweep.baselines)
-    for name in sweep.baselines[Ls[0]]:
-        ax.plot(Ls, [sweep.baselines[x][name] for x in Ls], label=name, **BASELINES[name].style)
+    Ls = sorted(baselines)
+    for name in baselines[Ls[0]]:
+        ax.plot(Ls, [baselines[x][name] for x in Ls], label=name, **BASELINES[name].style)
     ax.set_xlabel("window length L (days)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Test accuracy against window length")
@@ -1662,18 +1649,17 @@ def report_verdict(o):
 
 
 def report_sweep(o):
-    sweep = o.sweep
-    if not sweep.summary:
+    sweep, base = o.sweep, o.sweep_baselines
+    if not sweep:
         return []
-    Ls = sorted({L for _, L in sweep.summary})
-    rows = [[cell.upper(), *(_mean_std(sweep.summary[(cell, x)].accuracy)
-                             if (cell, x) in sweep.summary else "–" for x in Ls)]
-            for cell in MODELS if any((cell, x) in sweep.summary for x in Ls)]
-    names = list(sweep.baselines[Ls[0]])
-    rows += [[name, *(_fmt(sweep.baselines[x][name]) for x in Ls)] for name in names]
-    accs = {n: [sweep.baselines[x][n] for x in Ls] for n in names}
+    Ls = sorted({L for _, L in sweep})
+    rows = [[cell.upper(), *(_mean_std(sweep[(cell, x)].accuracy) if (cell, x) in sweep else "–"
+                             for x in Ls)]
+            for cell in MODELS if any((cell, x) in sweep for x in Ls)]
+    accs = {n: [base[x][n] for x in Ls] for n in base[Ls[0]]}
+    rows += [[name, *map(_fmt, a)] for name, a in accs.items()]
     varying = [f"{n} ({_fmt(min(a))}–{_fmt(max(a))})" for n, a in accs.items() if len(set(a)) > 1]
-    top = max(sweep.summary.values(), key=lambda s: s.accuracy.mean)
+    top = max(sweep.values(), key=lambda s: s.accuracy.mean)
     return ["## Window length sweep (test accuracy, mean ± sample std over seeds)", "",
             markdown_table(["model", *(f"L={x}" for x in Ls)], rows), "",
             "Every L is scored on the same test label days. Baselines whose score still changes "

@@ -107,7 +107,8 @@ def test_local_topojson_has_a_shape_for_every_jhu_country_but_tuvalu():
 
 # Big countries, so that a rendered map shows plenty of red and of blue.
 RED = ["US", "Russia", "Brazil", "Australia", "Kazakhstan", "Algeria", "Congo (Kinshasa)"]
-BLUE = ["China", "Canada", "India", "Argentina", "Korea, South", "Saudi Arabia", "Mongolia", "Kosovo"]
+BLUE = ["China", "Canada", "India", "Argentina", "Korea, South", "Saudi Arabia", "Mongolia",
+        "Kosovo"]
 
 
 RULE = rnn_covid.LABELS["rise"]
@@ -207,7 +208,7 @@ def test_html_in_headless_chromium_offline_shows_red_and_blue_countries(tmp_path
         cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                "--no-first-run", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-               "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: the page must be self-contained
+               "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: a self-contained page
                "--window-size=1400,800", "--virtual-time-budget=15000", "--hide-scrollbars",
                f"--screenshot={shot}", (tmp_path / "map" / "world_map.html").as_uri()]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
