@@ -1308,7 +1308,8 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp",
+                               dir=path.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); give the output the usual umask-based mode.
     umask = os.umask(0)
@@ -1361,7 +1362,7 @@ def check_writable(folder):
 
 
 def choose_device(name):
-    """'auto' takes CUDA when present; 'cuda' without a GPU is a user error, not a silent CPU run."""
+    """'auto' takes CUDA when present; 'cuda' without a GPU is a user error, not a CPU run."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
@@ -1376,6 +1377,10 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # That mode also fills every new tensor with NaN, which only matters to a kernel reading
+    # memory it never wrote (the tests' reruns would differ); it costs the LSTM step up to
+    # 1.2x on the CPU (bench/bench_fill_memory.py).
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
     # --------------------------------------------------------------------------------------
 
