@@ -62,7 +62,8 @@ class Contestant:
         self.name, self.batch_size, self.lr = name, batch_size, lr
         settings = vae_anime.RunSettings(kl_weight=1.0, seed=0, image_size=32, latent_dim=128,
                                          batch_size=batch_size, lr=lr, lr_decay=1.0,
-                                         test_fraction=0.1, amp=bf16, device="cpu")
+                                         test_fraction=0.1, amp=bf16, device="cpu",
+                                         likelihood="bernoulli")   # the numbers in the docs
         self.t = vae_anime.new_training(settings, data_key, torch.device("cpu"), SOLO)
         if layers == "seed":
             self.t.model = self.t.net = with_seed_layers(self.t.model)
@@ -104,7 +105,7 @@ def training_flops_per_image(model, batch_size):
     x = torch.rand(batch_size, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         logits, mu, logvar = model(x, torch.randn(batch_size, 128))
-        recon, kl = vae_anime.loss_terms(logits, x, mu, logvar)
+        recon, kl = vae_anime.loss_terms(logits, x, mu, logvar, "bernoulli")
         (recon + kl).mean().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch_size

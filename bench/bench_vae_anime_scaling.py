@@ -28,7 +28,8 @@ def epoch_seconds(images, cfg, data_key):
     device = torch.device("cpu")
     settings = vae_anime.RunSettings(1.0, cfg.seed, cfg.image_size, cfg.latent_dim,
                                      cfg.batch_size, cfg.lr, cfg.lr_decay, cfg.test_fraction,
-                                     vae_anime.use_bf16(cfg.amp, device), device.type)
+                                     vae_anime.use_bf16(cfg.amp, device), device.type,
+                                     cfg.likelihood)
     t = vae_anime.new_training(settings, data_key, device, vae_anime.Ranks())
     start = time.perf_counter()
     vae_anime.train_epoch(t, data, vae_anime.Ranks())

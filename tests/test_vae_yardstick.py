@@ -1,0 +1,214 @@
+"""Tests for vae_anime.py's yardstick: the discretized likelihood, bits per dimension, the
+importance-weighted bound, the density baselines and the verdict, then two tiny runs of the
+script (default likelihood and Bernoulli) on real faces. Nothing is mocked.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import vae_anime
+from test_vae_anime import small, subset  # noqa: F401  (120 real faces)
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS = torch.arange(256, dtype=torch.float32) / 255
+
+
+# --------------------------------------------------------------------------------------
+# The discretized logistic likelihood
+# --------------------------------------------------------------------------------------
+
+
+def test_the_256_levels_sum_to_one_for_random_parameters():
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.rand(500, 1, generator=gen) * 1.4 - 0.2         # some outside [0, 1]
+    log_scale = torch.rand(500, 1, generator=gen) * 10 - 8        # bins 1/255 wide: ±e^-8 .. e^2
+    log_p = vae_anime.discretized_logistic_log_prob(LEVELS, mean, log_scale)
+    total = torch.logsumexp(log_p.double(), dim=1).exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-4), total.min()
+
+
+def test_the_edge_bins_hold_the_tails():
+    mean, log_scale = torch.tensor(0.3), torch.tensor(-2.0)
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))                  # noqa: E731
+    s, half = math.exp(-2.0), 0.5 / 255
+    log_p = vae_anime.discretized_logistic_log_prob(LEVELS, mean, log_scale).double()
+    assert log_p[0].exp().item() == pytest.approx(sigmoid((half - 0.3) / s), rel=1e-5)
+    assert log_p[255].exp().item() == pytest.approx(1 - sigmoid((1 - half - 0.3) / s), rel=1e-4)
+    inner = sigmoid((100 / 255 + half - 0.3) / s) - sigmoid((100 / 255 - half - 0.3) / s)
+    assert log_p[100].exp().item() == pytest.approx(inner, rel=1e-5)
+
+
+def test_extreme_parameters_give_finite_values_and_gradients():
+    mean = torch.tensor([-5.0, 0.0, 0.5, 1.0, 6.0]).repeat(3)
+    log_scale = torch.tensor([-12.0] * 5 + [0.0] * 5 + [6.0] * 5, requires_grad=True)
+    x = torch.tensor([0.0, 1.0, 0.5, 0.0, 1.0]).repeat(3)
+    log_p = vae_anime.discretized_logistic_log_prob(x, mean.requires_grad_(), log_scale)
+    log_p.sum().backward()
+    assert torch.isfinite(log_p).all() and torch.isfinite(log_scale.grad).all()
+    assert (log_p <= 0).all()
+    # A scale far below the bin width puts (almost) all mass on the bin of the mean.
+    assert log_p[2].item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# The importance-weighted bound
+# --------------------------------------------------------------------------------------
+
+
+def posterior_away_from_prior():
+    """A small untrained model whose posterior is far from N(0, I), so the bound's density
+    ratio matters, and a few real-looking images."""
+    torch.manual_seed(0)
+    model = vae_anime.VAE(latent_dim=8, image_size=32)
+    with torch.no_grad():
+        model.to_moments.bias[:8] += 1.5                              # means off the prior
+        model.to_moments.bias[8:] -= 2.0                              # narrower than the prior
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    return model.eval(), images
+
+
+@torch.no_grad()
+def analytic_kl_elbo_bits(model, images, draws):
+    """Per-draw −ELBO in bits with the KL in closed form: draws × images."""
+    x = vae_anime.to_float(images)
+    mu, logvar = model.encode(x)
+    z = mu + torch.randn((draws, *mu.shape)) * torch.exp(0.5 * logvar)
+    recon = vae_anime.reconstruction_nats(model.decoder(z.flatten(0, 1)),
+                                          x.repeat(draws, 1, 1, 1), model.likelihood)
+    kl = vae_anime.kl_per_dimension(mu, logvar).sum(1)
+    return (recon.view(draws, -1) + kl) / math.log(2)
+
+
+def test_one_sample_bound_matches_the_analytic_kl_elbo_on_average():
+    model, images = posterior_away_from_prior()
+    idx = torch.arange(len(images)).repeat(500)                        # 500 draws per image
+    iw = vae_anime.importance_weighted_bits(model, images, idx, 1, seed=3).view(500, -1)
+    torch.manual_seed(4)
+    elbo = analytic_kl_elbo_bits(model, images, 500)
+    noise = torch.sqrt(iw.var(0) / 500 + elbo.var(0) / 500)
+    assert ((iw.mean(0) - elbo.mean(0)).abs() < 4 * noise).all(), (iw.mean(0), elbo.mean(0), noise)
+    assert vae_anime.kl_per_dimension(*model.encode(vae_anime.to_float(images))).sum() > 20
+
+
+def test_more_samples_give_a_tighter_bound():
+    model, images = posterior_away_from_prior()
+    idx = torch.arange(len(images))
+    one = vae_anime.importance_weighted_bits(model, images, idx.repeat(50), 1, seed=5).view(50, -1)
+    many = vae_anime.importance_weighted_bits(model, images, idx, 50, seed=6)
+    assert (many < one.mean(0) - 1).all(), (many, one.mean(0))
+
+
+# --------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------
+
+
+def test_uniform_baseline_is_exactly_8_bits_per_dimension():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    test = torch.randint(0, 256, (7, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    bits = vae_anime.baseline_bits(train, test, seed=0)
+    assert (bits["uniform over 256 levels"] / 48 == 8.0).all()
+    assert len(bits) == 5
+
+
+def test_histogram_baseline_against_a_hand_count():
+    # Two sub-pixels, three training images: values (0, 7), (0, 7), (5, 7).
+    train = torch.tensor([[0, 7], [0, 7], [5, 7]], dtype=torch.uint8).view(3, 2, 1, 1)
+    test = torch.tensor([[0, 9], [5, 7]], dtype=torch.uint8).view(2, 2, 1, 1)
+    bits = vae_anime.histogram_bits(train, test)
+    expected = [-math.log2(3 / 259) - math.log2(1 / 259), -math.log2(2 / 259) - math.log2(4 / 259)]
+    assert bits.tolist() == pytest.approx(expected)
+
+
+def test_gaussian_baseline_against_scipy_with_the_256_jacobian():
+    rng = np.random.default_rng(0)
+    train = rng.multivariate_normal([0.4, 0.5, 0.6], [[0.02, 0.01, 0], [0.01, 0.03, 0.005],
+                                                      [0, 0.005, 0.01]], size=300)
+    test = rng.uniform(0.2, 0.8, size=(5, 3))
+    bits = vae_anime.gaussian_bits(torch.tensor(train, dtype=torch.float32),
+                                   torch.tensor(test, dtype=torch.float32))
+    ridge = np.eye(3) / (12 * 256**2)                 # the dequantization noise's variance
+    mle = scipy.stats.multivariate_normal(train.mean(0), np.cov(train.T, bias=True) + ridge)
+    expected = -mle.logpdf(test) / math.log(2) + 3 * 8
+    assert bits.numpy() == pytest.approx(expected, abs=1e-3)
+
+
+def test_dequantized_pixels_stay_inside_their_bins():
+    images = torch.tensor([0, 1, 128, 255], dtype=torch.uint8).view(1, 4, 1, 1).repeat(50, 1, 1, 1)
+    y = vae_anime.dequantize(images, torch.Generator().manual_seed(0))
+    low = images.flatten(1).float() / 256
+    assert ((y >= low) & (y < low + 1 / 256)).all() and y.std(0).min() > 0.5 / 256 / 2
+
+
+def test_codec_bits_are_the_file_sizes_with_headers():
+    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    bits = vae_anime.codec_bits(image, format="PNG", optimize=True)
+    assert 8 * 60 < bits.item() < 8 * 200           # a flat image is about 100 bytes of PNG
+
+
+# --------------------------------------------------------------------------------------
+# The verdict
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift, word", [(-0.3, "beats"), (0.0, "indistinguishable"),
+                                         (0.3, "below")])
+def test_each_verdict_branch_follows_the_interval(shift, word):
+    rng = np.random.default_rng(0)
+    dims, n = 3072, 400
+    strongest = torch.tensor(rng.normal(5.0, 0.5, n)) * dims
+    noise = rng.normal(0.0, 0.2, n)
+    model = strongest + torch.tensor(shift + noise - noise.mean()) * dims   # mean gap −shift
+    baselines = {"weak": strongest + dims, "strong": strongest}
+    v = vae_anime.verdict(model, baselines, dims, seed=0)
+    assert v.baseline == "strong" and v.claim == word
+    assert v.ci95[0] < v.gap < v.ci95[1]
+    assert v.gap == pytest.approx(-shift)
+
+
+# --------------------------------------------------------------------------------------
+# The script end to end
+# --------------------------------------------------------------------------------------
+
+
+def run_script(faces, out, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "vae_anime.py"), "--data-dir", str(faces),
+                             "--out", str(out), "--epochs", "1", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((out / "metrics.json").read_text()), (out / "REPORT.md").read_text(), result
+
+
+def test_default_run_reports_bits_per_dimension_and_a_verdict(small, tmp_path):
+    metrics, report, result = run_script(small, tmp_path, "--iw-samples", "8")
+    y = metrics["yardstick"]
+    assert y["baselines"]["uniform over 256 levels"] == 8.0 and len(y["baselines"]) == 5
+    assert set(y["models"]) == {"1", "100", "0"}
+    for m in y["models"].values():
+        assert m["elbo_bpd"] == pytest.approx(m["distortion_bpd"] + m["rate_bpd"], abs=1e-4)
+    assert y["iw"]["k"] == 8 and 0 < y["iw"]["bpd"] < y["models"]["1"]["elbo_bpd"] + 0.01
+    v = y["verdict"]
+    assert v["baseline"] == min(y["baselines"], key=y["baselines"].get)
+    assert v["claim"] in ("beats", "indistinguishable", "below")
+    assert v["ci95"][0] <= v["gap"] <= v["ci95"][1]
+    assert "bits per dimension" in report and v["baseline"] in report
+    assert "(k = 8)" in result.stdout                          # the table is printed too
+    assert (tmp_path / "rate_distortion.png").exists()
+
+
+def test_a_bernoulli_run_writes_no_bits_per_dimension(small, tmp_path):
+    metrics, report, _ = run_script(small, tmp_path, "--likelihood", "bernoulli",
+                                    "--kl-weights", "1")
+    assert metrics["yardstick"] is None
+    assert "bpd" not in json.dumps(metrics)
+    assert "no bits per dimension" in report
+    assert not (tmp_path / "rate_distortion.png").exists()
