@@ -39,3 +39,20 @@ def test_a_failing_run_and_a_failing_summary_are_marked_not_left_empty(tmp_path)
                                 f"timed no_metrics {tmp_path}/b true")
     assert rows[0].startswith("| broken | FAILED")
     assert rows[1].startswith("| no_metrics |") and "summary FAILED" in rows[1]
+
+
+def test_summary_of_a_one_seed_rnn_run_says_so_instead_of_a_std(tmp_path):
+    # gpu_check.sh's rnn rows train one seed: no standard deviation exists.
+    subprocess.run([sys.executable, "rnn_covid.py", "--model", "lstm", "--steps", "3",
+                    "--seeds", "1", "--sweep-L", "", "--jobs", "1", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    train, result = gpu_summary.rnn_cells(metrics)
+    assert train.endswith("s (1 worker(s))")
+    assert result.startswith("lstm test accuracy") and "(1 seed)" in result and "±" not in result
+    assert result.endswith(metrics["evaluation"]["gaps"]["lstm"][metrics["evaluation"]["naive"]]
+                           ["accuracy"]["claim"])
+
+
+def test_mean_std_shows_the_spread_of_several_seeds():
+    assert gpu_summary.mean_std({"mean": 0.8123, "std": 0.0041}) == "0.812 ± 0.004"
