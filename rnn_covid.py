@@ -1,27 +1,23 @@
 """Will a country's daily new COVID-19 cases rise tomorrow? RNN, LSTM and GRU against baselines.
 
-From the JHU CSSE confirmed-cases data (either CSV layout): daily new cases d[t] per country
--> Pearson correlations between countries -> the set C of strongly correlated countries ->
-sliding windows of length L -> RNN, LSTM and GRU classifiers of "d[t+1] > d[t]" over several
-seeds, beside naive baselines on the same test windows -> a sweep over L -> P(rise tomorrow)
-for every country on a world map -> REPORT.md. Splits are by time (test: the last --test-days
-label days; validation: the --val-days before). Every choice is made on validation. The
-verdict's word follows a 95% interval from a bootstrap over the test days.
+JHU CSSE confirmed cases (either CSV layout) -> daily new cases d[t] per country -> the set C
+of strongly correlated countries -> sliding windows of length L -> RNN, LSTM and GRU
+classifiers of "d[t+1] > d[t]" over several seeds, beside naive baselines -> a sweep over L
+-> P(rise tomorrow) for every country on a world map -> REPORT.md. Splits are by time;
+every choice is made on validation; the verdict follows a day-bootstrap 95% interval.
 
 Run:
     python rnn_covid.py                              # default preset, all three models
     python rnn_covid.py --model gru --seeds 1        # one model, one seed
     python rnn_covid.py --preset report              # the reference report's settings
-    python rnn_covid.py --label cumulative           # predict "any new case tomorrow" instead
     python rnn_covid.py --help                       # every flag, its default and preset values
 
-Writes under --out (default figures/rnn_covid/), every file atomically: REPORT.md,
-metrics.json, corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png,
-L_sweep.png, world_map.html, world_map.png (needs Chrome/Chromium; BROWSER_PATH= skips it),
-world_probabilities.csv. Bad input: one line on stderr, exit code 2, nothing written; Ctrl-C
-or SIGTERM: exit code 130 and a line naming what was written. Details: docs/rnn_covid.md.
-Reading order: Config, the method in pipeline order, then `run()`, the list of steps; the
-appendices after it (figures, world map, report, shared plumbing) can be skipped.
+Writes under --out (default figures/rnn_covid/), atomically: REPORT.md, metrics.json,
+corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png, L_sweep.png,
+world_map.html, world_map.png (needs Chrome/Chromium; BROWSER_PATH= skips it),
+world_probabilities.csv. Bad input: one line, exit code 2; Ctrl-C or SIGTERM: exit code 130.
+Read Config, the method in pipeline order, then `run()`; the appendices can be skipped.
+Details: docs/rnn_covid.md.
 """
 import argparse
 import contextlib
@@ -238,24 +234,14 @@ def parse_date_label(label):
         raise UserError(f"column label {label!r} is not a valid date") from None
 
 
-def _numeric_counts(block, names, labels, path):
-    values = block.apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
-    bad = values.isna().to_numpy()
-    if bad.any():
-        r, c = (int(i[0]) for i in np.nonzero(bad))
-        raise UserError(f"{path}: non-numeric count {block.iat[r, c]!r} for {names[r]!r} "
-                        f"on {labels[c]!r}")
-    return values.to_numpy(dtype=float)
-
-
-def _read_text_csv(path):
+def read_text_csv(path):
+    """Every cell of a CSV as text; a missing, binary or unreadable file is a UserError."""
     if not path.is_file():
         raise UserError(f"data file {path} not found; run `make data` to fetch it")
     with path.open("rb") as f:
-        head = f.read(8192)
-    if b"\0" in head:  # archives, images and other binary files; a text CSV never holds NUL
-        raise UserError(f"{path} is a binary file, not a CSV; pass the CSV itself to --data "
-                        "(extract it first if it is in an archive)")
+        if b"\0" in f.read(8192):  # archives, images and other binary files; a CSV has no NUL
+            raise UserError(f"{path} is a binary file, not a CSV; pass the CSV itself to --data "
+                            "(extract it first if it is in an archive)")
     try:  # utf-8-sig: a file re-saved by Excel starts with a byte-order mark
         return pd.read_csv(path, header=None, dtype=str, keep_default_na=False,
                            encoding="utf-8-sig")
@@ -263,26 +249,14 @@ def _read_text_csv(path):
         raise UserError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
 
 
-def _date_columns(labels, path):
-    dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
-    if dates.has_duplicates:
-        raise UserError(f"{path}: date column {dates[dates.duplicated()][0].date()} appears more "
-                        "than once; keep one column per day")
-    if (dates[1:] - dates[:-1] != pd.Timedelta(days=1)).any():
-        raise UserError(f"{path}: the date columns are not consecutive days")
-    return dates
-
-
 def load_cumulative(path):
     """Cumulative confirmed cases, one row per country (provinces summed), one column per day.
 
-    Two layouts, told apart by their header: the assignment's Excel pivot export (3 header
-    lines `,Lat,Long,<dates>` / `,sum,...` / `Country/Region,...`, garbled date labels) and
-    JHU's time series (`Province/State,Country/Region,Lat,Long,<dates>`). Lat/Long are
-    dropped: in the pivot export they are sums of province coordinates, meaningless.
-    """
+    The assignment's Excel pivot export (header lines `,Lat,Long,<dates>` / `,sum,...` /
+    `Country/Region,...`) or JHU's time series (`Province/State,Country/Region,Lat,Long,...`).
+    Lat/Long are dropped: in the pivot export they are sums of province coordinates."""
     path = Path(path)
-    raw = _read_text_csv(path)
+    raw = read_text_csv(path)
     head = [s.strip() for s in raw.iloc[0, :4]] if raw.shape[1] >= 4 else []
     if head == JHU_HEADER:
         layout, first_row, name_col, first_date_col = "jhu", 1, 1, 4
@@ -295,11 +269,21 @@ def load_cumulative(path):
     labels, body = list(raw.iloc[0, first_date_col:]), raw.iloc[first_row:]
     if not labels or not len(body):
         raise UserError(f"{path}: no dates or no country rows")
+    dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
+    if dates.has_duplicates:
+        raise UserError(f"{path}: date column {dates[dates.duplicated()][0].date()} appears more "
+                        "than once; keep one column per day")
+    if (dates[1:] - dates[:-1] != pd.Timedelta(days=1)).any():
+        raise UserError(f"{path}: the date columns are not consecutive days")
     names = body.iloc[:, name_col].str.strip().tolist()
-    dates = _date_columns(labels, path)
     block = body.iloc[:, first_date_col:].reset_index(drop=True)
-    counts = _numeric_counts(block, names, labels, path)
-    cum = pd.DataFrame(counts, index=pd.Index(names, name="country"), columns=dates)
+    counts = block.apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
+    if counts.isna().any(axis=None):
+        r, c = (int(i[0]) for i in np.nonzero(counts.isna().to_numpy()))
+        raise UserError(f"{path}: non-numeric count {block.iat[r, c]!r} for {names[r]!r} "
+                        f"on {labels[c]!r}")
+    cum = pd.DataFrame(counts.to_numpy(dtype=float), index=pd.Index(names, name="country"),
+                       columns=dates)
     return cum.groupby(level="country", sort=True).sum(), layout  # provinces -> country
 
 
@@ -454,12 +438,6 @@ EVAL_EVERY_MAX = 10  # mini-batch training is evaluated at least this often, in 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
 
 
-@torch.no_grad()
-def predict_proba(model, X, device):
-    model.eval()
-    return torch.sigmoid(model(torch.as_tensor(X, device=device))).cpu().numpy()
-
-
 @dataclass(frozen=True)
 class Optimisation:
     batch: int  # training windows per step
@@ -580,13 +558,16 @@ class Training:
     curves: dict    # "step" and CURVES -> one value per evaluation
 
 
-def train_run(ds, cfg, cell, seed, device, progress):
-    """One training and its validation and test scores."""
-    start = time.perf_counter()
+def train_run(datasets, cfg, job, device, progress):
+    """One training of job = (model, L, seed) and its validation and test scores."""
+    cell, L, seed = job
+    ds, start = datasets[L], time.perf_counter()
     plan = optimisation_for(len(ds.sets["train"][1]), cell, cfg)
     model, curves, kept = train_model(cell, ds, cfg, seed, device, plan, progress)
     inputs = {"val": ds.sets["val"][0], "test": ds.sets["test"][0], "latest": ds.latest}
-    probs = {s: predict_proba(model, X, device) for s, X in inputs.items()}
+    with torch.no_grad():
+        probs = {s: torch.sigmoid(model.eval()(torch.as_tensor(X, device=device))).cpu().numpy()
+                 for s, X in inputs.items()}
     scores = {s: classification_metrics(ds.sets[s][1], probs[s]) for s in ("val", "test")}
     log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (step %d)", cell, ds.L, seed,
              scores["val"].accuracy, scores["test"].accuracy, kept)
@@ -609,32 +590,23 @@ def planned_runs(cfg):
     return main + [job for job in sweep if job not in main]
 
 
-def worker_count(cfg, device):
-    """--jobs on the CPU, at most one per run; one on CUDA, which a forked worker could not
-    start again."""
-    workers = min(cfg.jobs, len(planned_runs(cfg))) if device.type == "cpu" else 1
-    log.info("%d trainings on %s, %d at a time (--jobs %d)", len(planned_runs(cfg)), device,
-             workers, cfg.jobs)
-    return workers
-
-
-def train_all(datasets, cfg, device, workers, meanwhile):
-    """Every planned training, keyed by (model, L, seed): one after another, or `workers` at
-    once in worker processes while this process runs `meanwhile`. Each training seeds itself,
-    so the order does not change a number."""
+def train_all(datasets, cfg, device, meanwhile):
+    """Every planned training keyed by (model, L, seed), and the processes that trained: one
+    after another, or --jobs at once in CPU worker processes while this process runs
+    `meanwhile`. Each training seeds itself, so neither order nor workers change a number."""
     jobs = planned_runs(cfg)
+    workers = min(cfg.jobs, len(jobs)) if device.type == "cpu" else 1  # CUDA cannot fork
+    log.info("%d trainings on %s, %d at a time (--jobs %d)", len(jobs), device, workers, cfg.jobs)
     if workers == 1:
         meanwhile()
-        return {(c, L, s): train_run(datasets[L], cfg, c, s, device, progress=True)
-                for c, L, s in jobs}
+        return {job: train_run(datasets, cfg, job, device, progress=True) for job in jobs}, 1
     # Longest first, so that no worker is left with a long training at the end.
     order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     # Ctrl-C or SIGTERM while the workers are forked would raise inside an at-fork hook, where
     # Python prints the exception and carries on: hold them until the pool stands.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
-        pool = multiprocessing.get_context(method).Pool(workers, _start_worker,
+        pool = multiprocessing.get_context("fork").Pool(workers, _start_worker,
                                                         (datasets, cfg, device))
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -644,7 +616,7 @@ def train_all(datasets, cfg, device, workers, meanwhile):
         pending = pool.map_async(_worker_train, order, chunksize=1)
         meanwhile()
         results = dict(zip(order, pending.get()))
-    return {job: results[job] for job in jobs}
+    return {job: results[job] for job in jobs}, workers
 
 
 _WORKER = {}  # a worker process's datasets, config and device
@@ -662,27 +634,18 @@ def _start_worker(datasets, cfg, device):
 
 
 def _worker_train(job):
-    cell, L, seed = job
-    return train_run(_WORKER["datasets"][L], _WORKER["cfg"], cell, seed, _WORKER["device"],
-                     progress=False)
-
-
-@dataclass
-class Selection:
-    criterion: str
-    val_accuracy: dict  # model -> mean validation accuracy over the main seeds
-    chosen_model: str
+    return train_run(_WORKER["datasets"], _WORKER["cfg"], job, _WORKER["device"], progress=False)
 
 
 def choose_model(trained, cfg):
-    """The model of best mean validation accuracy over the main seeds, at the main L."""
+    """The model of best mean validation accuracy over the main seeds at the main L, and each
+    model's mean."""
     val_acc = {c: round(float(np.mean([trained[(c, cfg.L, s)].scores["val"].accuracy
                                        for s in main_seeds(cfg)])), 6) for c in cfg.models}
-    chosen = max(cfg.models, key=lambda c: val_acc[c])
-    criterion = ("mean validation accuracy over seeds" if len(cfg.models) > 1 else
-                 "the only model trained")
-    log.info("%s: %s", criterion, chosen)
-    return Selection(criterion, val_acc, chosen)
+    chosen = max(cfg.models, key=val_acc.get)
+    log.info("mean validation accuracy over seeds: %s -> %s",
+             ", ".join(f"{c} {a:.3f}" for c, a in val_acc.items()), chosen)
+    return chosen, val_acc
 
 # ======================================================================================
 # Baselines and metrics
@@ -715,26 +678,14 @@ def classification_metrics(y, score):
         f1_rise=round(float(f1_score(y, pred, zero_division=0)), 6))
 
 
-def label_on(dC, t, label):
-    """(n, len(t)) labels of days t by the label rule; 0 where t < 1 (no day before it)."""
-    ok = t >= 1
-    out = np.zeros((dC.shape[0], len(t)), dtype=int)
-    out[:, ok] = LABELS[label].happens(dC[:, t[ok]], dC[:, t[ok] - 1])
-    return out
-
-
 # Every baseline maps a Dataset and a split to one score per window of that split, in the
 # windows' order (country-major). Naive ones predict 0/1; learned ones a probability.
-def majority_class(ds, split):
-    return np.full(len(ds.sets[split][1]), int(ds.sets["train"][1].mean() > 0.5))
-
-
-def persistence(ds, split):
-    return label_on(ds.dC, ds.label_days(split) - 1, ds.label).ravel()
-
-
-def weekly_persistence(ds, split):
-    return label_on(ds.dC, ds.label_days(split) - 7, ds.label).ravel()
+def label_days_before(ds, split, lag):
+    """Per window, the label of the day `lag` days before its label day; 0 before the data."""
+    t = ds.label_days(split) - lag
+    ok, out = t >= 1, np.zeros((ds.dC.shape[0], len(t)), dtype=int)
+    out[:, ok] = LABELS[ds.label].happens(ds.dC[:, t[ok]], ds.dC[:, t[ok] - 1])
+    return out.ravel()
 
 
 def logistic_regression(ds, split):
@@ -756,15 +707,17 @@ class Baseline:
 
 
 BASELINES = {
-    "majority class": Baseline(majority_class, False, dict(color="grey", ls=":"),
-                               "majority class of training"),
+    "majority class": Baseline(
+        lambda ds, split: np.full(len(ds.sets[split][1]), int(ds.sets["train"][1].mean() > 0.5)),
+        False, dict(color="grey", ls=":"), "majority class of training"),
     "always rise": Baseline(lambda ds, split: np.ones(len(ds.sets[split][1]), dtype=int),
                             False, dict(color="orange", ls=":"), "always 1"),
-    "persistence": Baseline(persistence, False, dict(color="b", ls=":"), "today's label again"),
-    "anti-persistence": Baseline(lambda ds, split: 1 - persistence(ds, split), False,
+    "persistence": Baseline(lambda ds, split: label_days_before(ds, split, 1), False,
+                            dict(color="b", ls=":"), "today's label again"),
+    "anti-persistence": Baseline(lambda ds, split: 1 - label_days_before(ds, split, 1), False,
                                  dict(color="r", ls=":"), "the opposite of today's"),
-    "weekly persistence": Baseline(weekly_persistence, False, dict(color="g", ls=":"),
-                                   "the label of a week ago"),
+    "weekly persistence": Baseline(lambda ds, split: label_days_before(ds, split, 7), False,
+                                   dict(color="g", ls=":"), "the label of a week ago"),
     "logistic regression": Baseline(logistic_regression, True,
                                     dict(color="k", ls="--", marker="x"), "same windows"),
 }
@@ -896,12 +849,6 @@ def intervals(boot, correct):
     return Gap(**out)
 
 
-def seed_averaged_correct(trained, cell, cfg, y):
-    """Per test window, the fraction of the main seeds whose prediction is right."""
-    return np.mean([(trained[(cell, cfg.L, s)].probs["test"] > 0.5) == (y > 0.5)
-                    for s in main_seeds(cfg)], axis=0)
-
-
 @dataclass
 class MapModel:
     """The model the map shows: the chosen model's probabilities averaged over the main seeds."""
@@ -929,24 +876,28 @@ class Evaluation:
     baselines_val: dict  # name -> Scores on validation
     summary: dict        # model -> Summary over the main seeds
     gaps: dict           # model -> baseline name -> Gap, per-window correctness seed-averaged
-    chosen: str          # the model chosen on validation
+    val_accuracy: dict   # model -> mean validation accuracy over the main seeds
+    chosen: str          # the model of best val_accuracy
     naive: str           # the strongest naive baseline on validation
     interval: str        # how the intervals were made
     per_day_correct: dict  # chosen model, naive -> right test windows per day (model: seed mean)
     map_model: MapModel
 
 
-def evaluate(trained, datasets, cfg, selection):
-    """Baselines on validation and test, the models' summary, every model's gap to the strongest
-    naive baseline and to logistic regression with day-bootstrap intervals, the map model."""
-    ds, chosen = datasets[cfg.L], selection.chosen_model
+def evaluate(trained, datasets, cfg):
+    """The model chosen on validation, baselines on validation and test, the models' summary,
+    every model's gap to the strongest naive baseline and to logistic regression with
+    day-bootstrap intervals, the map model."""
+    ds, (chosen, val_acc) = datasets[cfg.L], choose_model(trained, cfg)
     y = ds.sets["test"][1]
     scores = {s: baseline_scores(ds, s) for s in ("val", "test")}
     baselines = {s: {n: classification_metrics(ds.sets[s][1], p) for n, p in scores[s].items()}
                  for s in scores}
     naive = strongest_naive(baselines["val"])
     boot = DayBootstrap(y, int(ds.masks["test"].sum()), BOOTSTRAP_RESAMPLES, cfg.seed)
-    correct = {c: seed_averaged_correct(trained, c, cfg, y) for c in cfg.models}
+    # Per test window, the fraction of the main seeds whose prediction is right.
+    correct = {c: np.mean([(trained[(c, cfg.L, s)].probs["test"] > 0.5) == (y > 0.5)
+                           for s in main_seeds(cfg)], axis=0) for c in cfg.models}
     refs = {n: (scores["test"][n] > 0.5) == (y > 0.5) for n in (naive, "logistic regression")}
     gaps = {c: {n: intervals(boot, correct[c] - ref) for n, ref in refs.items()}
             for c in cfg.models}
@@ -957,7 +908,8 @@ def evaluate(trained, datasets, cfg, selection):
     per_day = {k: [round(float(v), 6) for v in c.reshape(-1, boot.n_days).sum(axis=0)]
                for k, c in ((chosen, correct[chosen]), (naive, refs[naive]))}
     return Evaluation(
-        baselines["test"], baselines["val"], {s.model: s for s in summary}, gaps, chosen, naive,
+        baselines["test"], baselines["val"], {s.model: s for s in summary}, gaps, val_acc,
+        chosen, naive,
         f"95% percentile, cluster bootstrap over the {boot.n_days} test label days, "
         f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
         ensemble_score(trained, ds, cfg, chosen, boot))
@@ -971,7 +923,7 @@ def run(argv=None):
     """Load -> C -> windows -> train -> choose -> evaluate -> sweep -> map -> report."""
     cfg = build_config(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends it as Ctrl-C does
-    clock = Clock()
+    marks = {"start": time.perf_counter()}  # the end of each step, for `timing`
     device = choose_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     # Each training seeds itself; seeding here as well sets torch's deterministic mode up once,
@@ -981,23 +933,21 @@ def run(argv=None):
     corr, zero_var, C = countries_of_C(d, cfg.threshold)
     datasets = build_datasets(d, C, cfg)
     check_writable(cfg.out)
-    clock.lap("data")
-    workers = worker_count(cfg, device)
-    trained = train_all(datasets, cfg, device, workers, meanwhile=functools.partial(
+    marks["data"] = time.perf_counter()
+    trained, workers = train_all(datasets, cfg, device, meanwhile=functools.partial(
         plot_correlations, d.loc[d.index[:10]].T.corr(), corr.loc[C, C], cfg.out))
-    plot_all_learning_curves(trained, cfg)
-    clock.lap("train")
-    selection = choose_model(trained, cfg)
-    evaluation = evaluate(trained, datasets, cfg, selection)
+    plot_learning_curves(trained, cfg)
+    marks["train"] = time.perf_counter()
+    evaluation = evaluate(trained, datasets, cfg)
     sweep = sweep_results(trained, datasets, cfg)
-    clock.lap("evaluation")
-    world = world_frame(d, C, trained, cfg, selection.chosen_model)
+    marks["evaluation"] = time.perf_counter()
+    world = world_frame(d, C, trained, cfg, evaluation.chosen)
     world_map = write_world_map(world, cfg.out, cfg.topojson_dir,
-                                *map_words(d, C, cfg, selection), LABELS[cfg.label])
-    clock.lap("map")
+                                *map_words(d, C, cfg, evaluation.chosen), LABELS[cfg.label])
+    marks["map"] = time.perf_counter()
     write_outputs(Outcome(cfg, data_summary(d, layout, negatives, zero_var, C, datasets[cfg.L]),
-                          selection, evaluation, list(trained.values()), sweep, world_map,
-                          clock.record(device, cfg.threads, workers)))
+                          evaluation, list(trained.values()), sweep, world_map,
+                          timing(marks, device=str(device), threads=cfg.threads, workers=workers)))
     return 0
 
 
@@ -1005,22 +955,12 @@ def main(argv=None):
     return exit_code(run, argv)
 
 
-class Clock:
-    """Wall time of the run's steps, for metrics.json's `timing`."""
-
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.laps = {}
-
-    def lap(self, name):
-        now = time.perf_counter()
-        self.laps[f"{name}_s"] = round(now - self.last, 2)
-        self.last = now
-
-    def record(self, device, threads, workers):
-        return {**self.laps, "total_s": round(time.perf_counter() - self.start, 2),
-                "device": str(device), "threads": threads, "workers": workers,
-                "load_avg_1min": round(os.getloadavg()[0], 2)}
+def timing(marks, **facts):
+    """metrics.json's `timing`: the seconds between the run's time marks, and `facts`."""
+    names, times = zip(*marks.items())
+    laps = {f"{n}_s": round(b - a, 2) for n, a, b in zip(names[1:], times, times[1:])}
+    return {**laps, "total_s": round(time.perf_counter() - times[0], 2), **facts,
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 @dataclass
@@ -1066,7 +1006,6 @@ class Outcome:
     """Everything a run found: metrics.json is its `dataclasses.asdict`, REPORT.md reads it."""
     config: Config
     data: DataSummary
-    selection: Selection
     evaluation: Evaluation
     models: list  # every Training, in planned order
     sweep: Sweep
@@ -1117,7 +1056,13 @@ def plot_correlations(corr_first10, corr_C, out):
     save_figure_atomically(grid.fig, out / "corr_C_clustered.png")
 
 
-def plot_learning_curves(training, out):
+def plot_learning_curves(trained, cfg):
+    """Each model's curves at the main L for the first seed."""
+    for cell in cfg.models:
+        plot_training(trained[(cell, cfg.L, cfg.seed)], cfg.out)
+
+
+def plot_training(training, out):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     curves = training.curves
     for ax, metric in zip(axes, ("loss", "acc")):
@@ -1130,12 +1075,6 @@ def plot_learning_curves(training, out):
         ax.legend()
     fig.suptitle(f"{training.model.upper()} learning curves (seed {training.seed})")
     save_figure_atomically(fig, out / f"learning_curves_{training.model}.png")
-
-
-def plot_all_learning_curves(trained, cfg):
-    """Each model's curves at the main L for the first seed."""
-    for cell in cfg.models:
-        plot_learning_curves(trained[(cell, cfg.L, cfg.seed)], cfg.out)
 
 
 def plot_sweep(sweep, out):
@@ -1194,11 +1133,11 @@ def world_frame(d, countries_C, trained, cfg, chosen):
     })
 
 
-def map_words(d, countries_C, cfg, selection):
+def map_words(d, countries_C, cfg, chosen):
     question = LABELS[cfg.label].map_title.format(
         next_day=(d.columns[-1] + pd.Timedelta(days=1)).date(), last_day=d.columns[-1].date())
     cutoff = d.columns[len(d.columns) - cfg.test_days - cfg.val_days - 1].date()
-    title = (f"{question}: {selection.chosen_model.upper()}, L={cfg.L}<br><sub>trained on the "
+    title = (f"{question}: {chosen.upper()}, L={cfg.L}<br><sub>trained on the "
              f"{len(countries_C)} countries of C, label days up to {cutoff}</sub>")
     caption = ("grey: not in the data · thick outline: in C (trained on) · faded: low activity "
                f"(last {cfg.L} days average under {cfg.min_mean:g} new cases a day)")
@@ -1399,7 +1338,7 @@ def _gap_cell(shown_model, shown_base, interval):
 
 
 def _model_name(cell, o):
-    if cell != o.selection.chosen_model:
+    if cell != o.evaluation.chosen:
         return cell.upper()
     how = "chosen on validation" if len(o.config.models) > 1 else "the only model trained"
     return f"**{cell.upper()}** ({how})"
@@ -1471,10 +1410,10 @@ def report_results(o):
               "–", "–"] for name, r in base.items()]
     header = ["method", "accuracy", "balanced acc.", "ROC AUC", f"F1 ({event})",
               f"gap to {naive} [95% CI]", "gap to logistic regression [95% CI]"]
-    val_acc, on_test = o.selection.val_accuracy, strongest_naive(base)
+    val_acc, on_test = ev.val_accuracy, strongest_naive(base)
     chosen = ("Model selection uses validation accuracy (mean over seeds): "
               + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in val_acc.items())
-              + f" → **{o.selection.chosen_model.upper()}**." if len(val_acc) > 1
+              + f" → **{ev.chosen.upper()}**." if len(val_acc) > 1
               else "One model trained: nothing was chosen.")
     also = (f" On test {on_test} scores higher ({_fmt(base[on_test].accuracy)})."
             if on_test != naive else "")
@@ -1487,11 +1426,10 @@ def report_results(o):
             f"{_fmt(ev.baselines_val[lr].accuracy)}).{also}", ""]
 
 
-def verdict_phrase(claim_word, baseline):
-    return {"beats": f"beats {baseline}: the whole interval lies above 0",
-            "below": f"is below {baseline}: the whole interval lies below 0",
-            "indistinguishable": f"cannot be told apart from {baseline} with these data: "
-                                 "the interval includes 0"}[claim_word]
+VERDICTS = {"beats": "beats {}: the whole interval lies above 0",
+            "below": "is below {}: the whole interval lies below 0",
+            "indistinguishable": "cannot be told apart from {} with these data: the interval "
+                                 "includes 0"}
 
 
 def report_verdict(o):
@@ -1505,12 +1443,12 @@ def report_verdict(o):
     return [f"**Verdict.** The {_model_name(ev.chosen, o)} reaches a test accuracy of "
             f"{_fmt(acc)} ({spread}) against {_fmt(base.accuracy)} for {naive}, a gap of "
             f"{_gap_cell(acc, base.accuracy, gap.accuracy)} points: it "
-            f"{verdict_phrase(gap.accuracy.claim, naive)}. In balanced accuracy ({_fmt(bal)} "
+            f"{VERDICTS[gap.accuracy.claim].format(naive)}. In balanced accuracy ({_fmt(bal)} "
             f"against {_fmt(base.balanced_accuracy)}) the gap is "
             f"{_gap_cell(bal, base.balanced_accuracy, gap.balanced_accuracy)}: it "
-            f"{verdict_phrase(gap.balanced_accuracy.claim, naive)}. Against logistic regression "
+            f"{VERDICTS[gap.balanced_accuracy.claim].format(naive)}. Against logistic regression "
             f"on the same windows ({_fmt(lr_acc)}) the gap is {_gap_cell(acc, lr_acc, lr_gap)}: "
-            f"it {verdict_phrase(lr_gap.claim, lr)}.", ""]
+            f"it {VERDICTS[lr_gap.claim].format(lr)}.", ""]
 
 
 def report_sweep(o):

@@ -313,8 +313,8 @@ def test_model_is_chosen_on_validation_not_test():
             ("gru", 10, 1): (0.66, 0.65), ("gru", 10, 2): (0.67, 0.66),
             ("lstm", 10, 1): (0.60, 0.70), ("lstm", 10, 2): (0.61, 0.71)}
     trained = {k: training(k[0], k[2], v, t) for k, (v, t) in runs.items()}
-    selection = rc.choose_model(trained, cfg)
-    assert selection.chosen_model == "rnn" and selection.val_accuracy["rnn"] == pytest.approx(0.69)
+    chosen, val_accuracy = rc.choose_model(trained, cfg)
+    assert chosen == "rnn" and val_accuracy["rnn"] == pytest.approx(0.69)
 
 
 # --------------------------------------------------------------------------------------
@@ -339,19 +339,20 @@ def test_naive_baselines_on_a_hand_checked_example():
     #            t: 0  1  2  3  4  5  6  7  8  9
     ds = hand_dataset(np.array([[1, 2, 1, 3, 3, 0, 5, 6, 2, 4]]), [8, 9])
     # t=8: today (t-1=7) rose 5->6; t=9: today (t-1=8) fell 6->2
-    assert rc.persistence(ds, "test").tolist() == [1, 0]
+    assert rc.BASELINES["persistence"].predict(ds, "test").tolist() == [1, 0]
     assert rc.BASELINES["anti-persistence"].predict(ds, "test").tolist() == [0, 1]
     # weekly: t=8 repeats the step at t-7=1 (1->2 rose); t=9 the step at 2 (2->1 fell)
-    assert rc.weekly_persistence(ds, "test").tolist() == [1, 0]
+    assert rc.BASELINES["weekly persistence"].predict(ds, "test").tolist() == [1, 0]
     assert rc.BASELINES["always rise"].predict(ds, "test").tolist() == [1, 1]
-    assert rc.majority_class(ds, "test").tolist() == [0, 0]
+    assert rc.BASELINES["majority class"].predict(ds, "test").tolist() == [0, 0]
 
 
 def test_naive_baselines_follow_the_label_rule():
     #            t: 0  1  2  3  4  5  6  7  8  9
     ds = hand_dataset(np.array([[0, 2, 0, 3, 3, 0, 5, 0, 2, 4]]), [8, 9], label="cumulative")
-    assert rc.persistence(ds, "test").tolist() == [0, 1]  # d[7] = 0, d[8] = 2 > 0
-    assert rc.weekly_persistence(ds, "test").tolist() == [1, 0]  # d[1] = 2, d[2] = 0
+    # persistence: d[7] = 0, d[8] = 2 > 0; weekly: d[1] = 2, d[2] = 0
+    assert rc.BASELINES["persistence"].predict(ds, "test").tolist() == [0, 1]
+    assert rc.BASELINES["weekly persistence"].predict(ds, "test").tolist() == [1, 0]
     assert set(rc.evaluate_baselines(ds)) == set(rc.baselines_for("cumulative"))
 
 
@@ -676,7 +677,7 @@ def test_end_to_end_the_model_is_chosen_on_validation_not_test(tmp_path):
     val = {e["model"]: e["scores"]["val"]["accuracy"] for e in m["models"]}
     test = {e["model"]: e["scores"]["test"]["accuracy"] for e in m["models"]}
     assert max(val, key=val.get) == "lstm" and max(test, key=test.get) == "rnn"
-    assert m["selection"]["chosen_model"] == "lstm"
+    assert m["evaluation"]["chosen"] == "lstm"
     assert "**LSTM** (chosen on validation)" in (out / "REPORT.md").read_text()
 
 
