@@ -1,12 +1,11 @@
 """A convolutional VAE on anime faces, trained with the KL term weighted 1, 100 and 0.
 
 What it does
-    Decodes every image of --data-dir (searched recursively: jpg, jpeg, png, webp; any size
-    or mode) once into a cached uint8 tensor of RGB --image-size squares (antialiased), splits
-    it 90/10 by seed, and trains one VAE per KL weight λ (5 stride-2 convolutions, 32..512
-    channels, a 128-d latent, a mirrored transposed-convolution decoder, a discretized logistic
-    likelihood). Every λ gets the same seed, split, initial weights and epochs. Scores every λ
-    in test bits per dimension, beside density baselines and lossless codecs (the yardstick).
+    Decodes every image of --data-dir (recursively; jpg, jpeg, png, webp) once into a cached
+    uint8 tensor of RGB --image-size squares, splits it 90/10 by seed and trains one VAE per KL
+    weight λ (5 stride-2 convolutions, a 128-d latent, a mirrored decoder, a discretized
+    logistic likelihood), each from the same seed, split, initial weights and epochs. Scores
+    every λ in test bits per dimension beside density baselines and lossless codecs.
 
 How to run
     python vae_anime.py                          # λ = 1, 100, 0 (2 CPU cores: about 8 min)
@@ -16,14 +15,12 @@ How to run
     torchrun --nproc_per_node=N vae_anime.py     # one VAE per λ, data-parallel over N processes
     python vae_anime.py --help                   # every flag, its default, what each preset sets
 
-What it writes (all into --out, default figures/vae_anime/)
+What it writes (into --out, default figures/vae_anime/; under torchrun only rank 0 writes)
     REPORT.md, metrics.json, lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,
     active_units,kl_per_dim}.png, lambda_comparison.png, rate_distortion.png,
-    checkpoints/lambda_<λ>.pt (written at the end of every epoch: everything needed to resume),
+    checkpoints/lambda_<λ>.pt (at the end of every epoch: everything needed to resume),
     cache/images_<size>px.pt (the decoded images; rebuilt when the files or the size change).
-    Under torchrun only rank 0 writes.
-Every file is written to a temporary name and renamed into place, so none is ever half-written.
-Bad input (missing data, unreadable images, unwritable --out, invalid flags) and a diverging
+Every file is written under a temporary name and renamed into place. Bad input and a diverging
 loss stop with one line naming the problem and its fix, exit code 2. Ctrl-C (or SIGTERM) stops
 at once with exit code 130; the checkpoints keep the last finished epoch of each λ.
 """
@@ -46,8 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# OpenMP threads that spin while waiting slow training many times over whenever another process
-# shares the CPU. libgomp reads this once, when torch loads, so it is set before the import.
+# Spinning OpenMP threads slow training badly on a shared CPU; libgomp reads this when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import matplotlib
@@ -72,8 +68,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 def setting(default, doc, **flag):
-    """A Config field: its default, the line that documents it (also its --help text) and the
-    keywords argparse gets for its flag (type=, choices=, ...)."""
+    """A Config field: its default, its --help text and argparse's keywords for its flag."""
     return field(default=default, metadata={"doc": doc, "flag": flag})
 
 
@@ -101,50 +96,41 @@ def kl_weight_list(text):
     return tuple(weights)
 
 
-IW_SAMPLES = 50                  # about 10% of the default run on the 2-core CPU (docs)
-
-
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run, built once from the command line by parse_args()."""
     data_dir: Path = setting(Path("data/anime_faces"), "folder of images, searched recursively",
                              type=Path)
     out: Path = setting(Path("figures/vae_anime"), "output folder for everything", type=Path)
-    cache_dir: Path = setting(None, "where the decoded-image cache lives (none: OUT/cache)",
+    cache_dir: Path = setting(None, "folder of the decoded-image cache (none: OUT/cache)",
                               type=Path)
-    image_size: int = setting(32, "side of the square images; a multiple of the encoder's "
-                                  "total stride (32)", type=POSITIVE_INT)
+    image_size: int = setting(32, "side of the square images, a multiple of 32", type=POSITIVE_INT)
     latent_dim: int = setting(128, "dimensions of the latent z", type=POSITIVE_INT)
     kl_weights: tuple = setting((1.0, 100.0, 0.0), "comma-separated KL weights λ, one model each",
                                 type=kl_weight_list)
     epochs: int = setting(5, "passes over the training images per λ", type=POSITIVE_INT)
     batch_size: int = setting(64, "images per optimisation step", type=POSITIVE_INT)
     lr: float = setting(1e-3, "Adam learning rate of the first epoch", type=POSITIVE)
-    lr_decay: float = setting(1.0, "factor applied to the learning rate after each epoch "
-                                   "(1: constant)", type=POSITIVE)
+    lr_decay: float = setting(1.0, "learning-rate factor after each epoch", type=POSITIVE)
     test_fraction: float = setting(0.1, "share of the images held out as the test set",
                                    type=checked(float, lambda v: 0 < v < 1, "between 0 and 1"))
     seed: int = setting(0, "seed of the split, the initial weights and every noise draw",
-                        type=checked(int, lambda v: 0 <= v < 2**31,
-                                     f"an integer from 0 to {2**31 - 1}"))
+                        type=checked(int, lambda v: 0 <= v < 2**31, "from 0 to 2**31 - 1"))
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda",
                           choices=("auto", "cpu", "cuda"))
-    amp: str = setting("auto", "bfloat16 autocast in training: auto (on CUDA GPUs with native "
-                               "bfloat16, float32 elsewhere), on (also bare --amp) or off; "
-                               "evaluation is always float32 (TF32 off on CUDA too)",
+    amp: str = setting("auto", "bfloat16 autocast in training: auto (on GPUs with native "
+                               "bfloat16), on (also bare --amp) or off; evaluation is float32",
                        choices=("auto", "on", "off"), nargs="?", const="on")
-    workers: int = setting(min(2, os.cpu_count() or 1),
-                           "processes decoding images when the cache is (re)built",
+    workers: int = setting(min(2, os.cpu_count() or 1), "processes decoding images into the cache",
                            type=POSITIVE_INT)
     resume: bool = setting(False, "continue each λ from its checkpoint in OUT/checkpoints",
                            action="store_true")
-    likelihood: str = setting("logistic-pixel", "p(x|z): a discretized logistic over the 256 "
-                              "levels with a learned log scale per sub-pixel (logistic-pixel) "
-                              "or per colour channel (logistic-channel), or the assignment's "
-                              "bernoulli (no bits per dimension)",
+    likelihood: str = setting("logistic-pixel", "p(x|z): discretized logistic with a log scale "
+                              "per sub-pixel or per channel, or bernoulli (no bits per dimension)",
                               choices=("logistic-pixel", "logistic-channel", "bernoulli"))
-    iw_samples: int = setting(IW_SAMPLES, "samples per test image of λ = 1's importance-weighted "
-                                          "bound", type=POSITIVE_INT)
+    # k = 50 costs about 10% of the default run on the 2-core CPU (docs/vae_anime.md).
+    iw_samples: int = setting(50, "samples per test image of λ = 1's importance-weighted bound",
+                              type=POSITIVE_INT)
 
     @property
     def cache_folder(self):
@@ -153,8 +139,7 @@ class Config:
 
 PRESETS = {
     "default": Config(),
-    # For a GPU: 64×64 faces, enough epochs for sharp samples and a learning rate that decays
-    # to 5% of its start; its own folder keeps the default results. CPU cost: docs/vae_anime.md.
+    # For a GPU: 64×64 faces, epochs for sharp samples, a rate decaying to 5% of its start.
     "long": Config(out=Path("figures/vae_anime_long"), image_size=64, epochs=100, lr_decay=0.97,
                    iw_samples=1000),
 }
@@ -162,19 +147,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 ARCHIVE_SUFFIXES = {".tar", ".zip", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 ACTIVE_UNIT_VARIANCE = 0.01      # Burda et al. 2016: active when Var_x(E_q[z_d]) exceeds this
 KL_ACTIVE_NATS = 0.01            # a second, KL-based count: mean KL of the dimension above this
-LOG_EVERY = 50                   # steps between reads of the running loss (each read syncs)
-N_FIXED_TEST = 32                # reconstructions of the same 32 test images for every λ
-N_SAMPLES = 64                   # samples decoded from one fixed z ~ N(0, I)
+N_FIXED_TEST, N_SAMPLES = 32, 64  # test images reconstructed, prior draws decoded, for every λ
 N_PAIRS, N_STEPS = 4, 10         # interpolations: 4 pairs of test images, 10 steps each
 CACHE_FORMAT = 2                 # bump when the decoding below changes
 NOT_IN_METRICS = ("resume", "workers")   # settings that do not change a single number
 LEVELS = 256                     # values of an 8-bit sub-pixel, stored as x / 255
-# A logistic as wide as the training pixels' spread around the mean image (RMS 0.23); Adam
-# moves a log scale by about lr a step, so starting it at 0 costs thousands of steps.
+# As wide as the training pixels' spread around the mean image (RMS 0.23): from 0 Adam would
+# need thousands of steps to get there.
 INITIAL_LOG_SCALE = math.log(0.23 * math.sqrt(3) / math.pi)
 IW_DECODES = 256                 # decoder samples per batch of the importance-weighted bound
 BOOTSTRAP_RESAMPLES = 10_000
-# WebP at method 4, effort 0 made the smallest files of 500 training images (docs/vae_anime.md)
+# The settings that made the smallest WebP files of 500 training images (docs/vae_anime.md).
 CODECS = {"PNG": {"format": "PNG", "optimize": True},
           "WebP lossless": {"format": "WEBP", "lossless": True, "method": 4, "quality": 0}}
 
@@ -193,8 +176,7 @@ def parse_args(argv=None):
     """The command line -> a Config (every flag is a Config field, plus --preset, --kl-weight)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=list(PRESETS), default="default",
-                   help="named settings that the flags below override: default, or long "
-                        "(64×64, 100 epochs, for a GPU) (default: default)")
+                   help="named settings the flags below override (default: default)")
     for f in dataclasses.fields(Config):
         flag = f.metadata["flag"]
         metavar = {} if "action" in flag else {"metavar": f.name.upper()}
@@ -247,21 +229,19 @@ def file_list_key(files, data_dir, size):
     return digest.hexdigest()
 
 
-def decode_rgb(data):
-    """Encoded bytes -> 3×H×W uint8 RGB; transparent pixels become white, not black."""
-    # Only gray/RGB + alpha files (2 or 4 channels, never JPEG) take the RGBA path: torchvision's
-    # RGBA of a palette PNG without transparency is garbage, so palettes keep their colours.
-    if data[:2].tolist() == [0xFF, 0xD8] or decode_image(data).shape[0] not in (2, 4):
-        return decode_image(data, mode=ImageReadMode.RGB)
-    rgba = decode_image(data, mode=ImageReadMode.RGB_ALPHA).float()
-    alpha = rgba[3:] / 255
-    return (rgba[:3] * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
-
-
 def read_square(path, size):
-    """One file -> (size×size RGB uint8 tensor, or None if unreadable; whether it was upscaled)."""
+    """One file -> (size×size RGB uint8 tensor, or None if unreadable; whether it was upscaled).
+    Transparent pixels become white, not black."""
     try:
-        image = decode_rgb(read_file(str(path)))
+        data = read_file(str(path))
+        # Only gray/RGB + alpha files take the RGBA path: torchvision's RGBA of a palette PNG
+        # without transparency is garbage.
+        if data[:2].tolist() == [0xFF, 0xD8] or decode_image(data).shape[0] not in (2, 4):
+            image = decode_image(data, mode=ImageReadMode.RGB)
+        else:
+            rgba = decode_image(data, mode=ImageReadMode.RGB_ALPHA).float()
+            alpha = rgba[3:] / 255
+            image = (rgba[:3] * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
     except RuntimeError:
         return None, False
     side = min(image.shape[1:])        # centre square, so non-square pictures are not squashed
@@ -273,7 +253,8 @@ def read_square(path, size):
 
 
 def decode_chunk(paths, size):
-    """Some files -> (their readable images stacked, (readable, upscaled) for each file)."""
+    """Some files -> (their readable images stacked: one tensor to pass back from a worker,
+    (readable, upscaled) for each file)."""
     results = [read_square(path, size) for path in paths]
     images = [image for image, _ in results if image is not None]
     stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
@@ -281,8 +262,7 @@ def decode_chunk(paths, size):
 
 
 def start_decoder(worker_id):
-    # The parent turns Ctrl-C and SIGTERM into its own exit and ends the workers; a worker
-    # that kept the parent's handlers would print a traceback for each.
+    # The parent ends the workers on Ctrl-C or SIGTERM; its handlers would print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -293,8 +273,8 @@ def effective_workers(workers, n_files):
 
 
 def decode_images(files, size, workers):
-    """Every file decoded, in chunks of 500; `workers` processes share them when there are
-    enough. Returns the readable images and (readable, upscaled) for each file."""
+    """Every file decoded in chunks of 500, by `workers` processes when there are enough files.
+    Returns the readable images and (readable, upscaled) for each file."""
     n = effective_workers(workers, len(files))
     loader = torch.utils.data.DataLoader(files, batch_size=500, num_workers=0 if n == 1 else n,
                                          collate_fn=functools.partial(decode_chunk, size=size),
@@ -306,8 +286,7 @@ def decode_images(files, size, workers):
 def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
     """All images as an N×3×size×size uint8 tensor, from the cache when its key still matches."""
     files = list_image_files(data_dir)
-    key = file_list_key(files, data_dir, size)
-    cache_path = cache_dir / f"images_{size}px.pt"
+    key, cache_path = file_list_key(files, data_dir, size), cache_dir / f"images_{size}px.pt"
     start = time.perf_counter()
     with contextlib.suppress(OSError, RuntimeError, EOFError, ValueError):   # damaged: rebuilt
         cached = torch.load(cache_path, weights_only=True)
@@ -330,8 +309,7 @@ def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
             save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
     except OSError as err:      # the images are in memory; only the next run pays again
         log.warning(f"warning: could not write the image cache {cache_path} "
-                    f"({err.strerror or err}); pass a writable --cache-dir to skip decoding "
-                    "next time")
+                    f"({err.strerror or err}); pass a writable --cache-dir")
     return images, dict(info, cache="built", seconds=seconds)
 
 
@@ -381,13 +359,27 @@ def prepare_data(cfg, device, ranks):
     anchors = {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
                "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
                / len(test_cpu)}
+    z = torch.randn(N_SAMPLES, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
     return Data(images, train_idx, test_idx, info, to_float(images[test_idx[:N_FIXED_TEST]]),
-                mean_image, fixed_z(cfg.latent_dim, cfg.seed, device), anchors)
+                mean_image, z.to(device), anchors)
 
 
-def fixed_z(latent_dim, seed, device):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(N_SAMPLES, latent_dim, generator=generator).to(device)
+def log_data(info):
+    source = ("from the cache" if info["cache"] == "hit" else
+              f"decoded from {info['files_found']} files by {info['decode_workers']} processes")
+    log.info(f"data: {info['images']} images of {info['image_size']}px {source} "
+             f"({info['seconds']:.1f} s)")
+    if info["skipped"]:
+        log.warning(f"warning: skipped {len(info['skipped'])} unreadable or corrupt files: "
+                    f"{name_some(info['skipped'])}")
+    if info["upscaled"]:
+        log.warning(f"warning: {len(info['upscaled'])} images smaller than {info['image_size']}px "
+                    f"were upscaled (blurry): {name_some(info['upscaled'])}")
+
+
+def name_some(names, limit=5):
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ======================================================================================
@@ -430,8 +422,8 @@ class VAE(nn.Module):
         self.encoder = nn.Sequential(*down, nn.Flatten())
         flat = channels[-1] * sides[-1] ** 2
         self.to_moments = nn.Linear(flat, 2 * latent_dim)           # μ and log σ²
-        # The discretized logistic's log scales: 3 more output channels (per sub-pixel) or 3
-        # learned numbers shared by all pixels (per channel), after the 3 channels of means.
+        # After the 3 channels of means, the logistic's log scales: 3 more output channels (per
+        # sub-pixel) or 3 learned numbers shared by all pixels (per channel).
         outs = (*widths[::-1][1:-1], 6 if likelihood == "logistic-pixel" else 3)
         up = [m for c_in, c_out, side in zip(widths[::-1], outs, sides[::-1])
               for m in (seed_layer(nn.ConvTranspose2d, c_in, c_out, side), nn.LeakyReLU(0.2))]
@@ -439,7 +431,7 @@ class VAE(nn.Module):
         shared = [ChannelScale()] if likelihood == "logistic-channel" else []
         self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2),
                                      nn.Unflatten(1, (channels[-1], sides[-1], sides[-1])),
-                                     *up[:-1], *shared)             # logits of the means first
+                                     *up[:-1], *shared)
         self.output = nn.Sigmoid()                                  # logits -> means in [0, 1]
 
     def encode(self, x):
@@ -468,9 +460,8 @@ class ChannelScale(nn.Module):
 
 
 def loss_terms(out, x, mu, logvar, likelihood):
-    """Per-image reconstruction and KL, in nats (vectors of length batch)."""
-    # Reduction: both terms are summed per image (recon over the 3×H×W values, KL over the
-    # latent dimensions); the training objective is the batch mean of recon + λ·KL.
+    """Per-image reconstruction and KL in nats, each summed over its image's values or latent
+    dimensions; training minimises the batch mean of recon + λ·KL."""
     recon = reconstruction_nats(out.float(), x, likelihood)
     return recon, kl_per_dimension(mu.float(), logvar.float()).sum(1)
 
@@ -499,8 +490,8 @@ def discretized_logistic_log_prob(x, mean, log_scale):
 
 
 def kl_per_dimension(mu, logvar):
-    """KL(N(μ, σ²) ‖ N(0, 1)) of each latent dimension, in nats."""
-    # Closed form: Kingma & Welling 2014, "Auto-Encoding Variational Bayes", appendix B.
+    """KL(N(μ, σ²) ‖ N(0, 1)) of each latent dimension, in nats (closed form: Kingma & Welling
+    2014, appendix B)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
 
 
@@ -513,6 +504,8 @@ def kl_per_dimension(mu, logvar):
 class RunSettings:
     """What defines one λ's training; a checkpoint made with other settings is not resumed."""
     kl_weight: float
+    amp: bool                    # bfloat16 autocast in training
+    device: str                  # its type: cpu or cuda
     seed: int
     image_size: int
     latent_dim: int
@@ -520,14 +513,12 @@ class RunSettings:
     lr: float
     lr_decay: float
     test_fraction: float
-    amp: bool                    # bfloat16 autocast in training
-    device: str                  # its type: cpu or cuda
     likelihood: str
 
     @classmethod
     def of(cls, cfg, kl_weight, bf16, device):
-        return cls(kl_weight, cfg.seed, cfg.image_size, cfg.latent_dim, cfg.batch_size, cfg.lr,
-                   cfg.lr_decay, cfg.test_fraction, bf16, device.type, cfg.likelihood)
+        return cls(kl_weight, bf16, device.type, *(getattr(cfg, f.name)
+                                                   for f in dataclasses.fields(cls)[3:]))
 
 
 @dataclass
@@ -545,6 +536,9 @@ class Training:
     checkpointed: bool = False   # whether its checkpoint file holds this training's state
 
 
+PROGRESS = ("epoch", "history", "train_seconds")     # the Training fields a checkpoint keeps
+
+
 def epoch_order(n, seed, epoch):
     """Each epoch's shuffle comes from (seed, epoch) alone, so a resumed run replays it exactly
     and every torchrun rank draws the same order."""
@@ -552,9 +546,8 @@ def epoch_order(n, seed, epoch):
 
 
 def use_bf16(amp, device):
-    """--amp auto: bfloat16 autocast on CUDA GPUs with native bfloat16 (emulated bfloat16, as on
-    a T4, is slow), float32 on the CPU, where oneDNN's bfloat16 slows down badly on shared
-    cores (docs/vae_anime.md); on / off force it."""
+    """--amp auto: bfloat16 on CUDA GPUs with native bfloat16 (emulated, as on a T4, is slow),
+    float32 on the CPU (oneDNN's bfloat16 was slower there: docs/vae_anime.md)."""
     if amp != "auto":
         return amp == "on"
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -576,15 +569,20 @@ def new_training(settings, data_key, device, ranks):
 
 def save_checkpoint(t, path):
     """nanoGPT-style, at the end of an epoch: everything needed to continue."""
-    save_torch_atomically({
-        "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-        "settings": dataclasses.asdict(t.settings), "data_key": t.data_key, "epoch": t.epoch,
-        "history": t.history, "noise_rng": t.noise_gen.get_state(),
-        "train_seconds": t.train_seconds}, path)
+    save_torch_atomically({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                           "settings": dataclasses.asdict(t.settings), "data_key": t.data_key,
+                           "noise_rng": t.noise_gen.get_state(),
+                           **{name: getattr(t, name) for name in PROGRESS}}, path)
 
 
-def resume_training(path, settings, data_key, device, ranks):
-    """The training saved in `path`, checked against the current settings and data."""
+def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
+    """A new training, or with --resume the one saved in the checkpoint, checked against the
+    current settings and data."""
+    settings, path = RunSettings.of(cfg, kl_weight, bf16, device), checkpoint_path(cfg.out,
+                                                                                   kl_weight)
+    t = new_training(settings, data_key, device, ranks)
+    if not (cfg.resume and path.exists()):
+        return t
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
         saved = ckpt["settings"]
@@ -599,21 +597,10 @@ def resume_training(path, settings, data_key, device, ranks):
     if ckpt["data_key"] != data_key:
         raise UserError(f"checkpoint {path} was trained on other images: "
                         "use the same --data-dir or drop --resume")
-    t = new_training(settings, data_key, device, ranks)
     t.model.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.noise_gen.set_state(ckpt["noise_rng"].cpu())     # generator states live on the CPU
-    t.epoch, t.history, t.train_seconds = ckpt["epoch"], ckpt["history"], ckpt["train_seconds"]
-    t.checkpointed = True
-    return t
-
-
-def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
-    settings = RunSettings.of(cfg, kl_weight, bf16, device)
-    path = checkpoint_path(cfg.out, kl_weight)
-    if not (cfg.resume and path.exists()):
-        return new_training(settings, data_key, device, ranks)
-    t = resume_training(path, settings, data_key, device, ranks)
+    t = dataclasses.replace(t, checkpointed=True, **{name: ckpt[name] for name in PROGRESS})
     log.info(f"λ={weight_tag(kl_weight)}: resuming from epoch {t.epoch} ({path})")
     return t
 
@@ -624,21 +611,25 @@ def train(t, data, epochs, ranks, ckpt_path):
     while t.epoch < epochs:
         start = time.perf_counter()
         train_stats = train_epoch(t, data, ranks)
-        test_stats = evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed, ranks)
-        refuse_non_finite(t, train_stats, test_stats, ckpt_path)
+        test = evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed, ranks)
+        refuse_non_finite(t, train_stats, test, ckpt_path)
         seconds = time.perf_counter() - start
         t.epoch, t.train_seconds = t.epoch + 1, t.train_seconds + seconds
-        t.history.append({"epoch": t.epoch, "train": train_stats, "test": scalars(test_stats)})
+        t.history.append({"epoch": t.epoch, "train": train_stats, "test": scalars(test)})
         if ranks.main:
             save_checkpoint(t, ckpt_path)
         t.checkpointed = True
-        log_epoch(t, epochs, train_stats, test_stats, seconds)
+        log.info(f"λ={weight_tag(s.kl_weight):>4} epoch {t.epoch:>3}/{epochs}  "
+                 f"train obj {train_stats['objective']:8.1f} "
+                 f"neg-ELBO {train_stats['neg_elbo']:7.1f} | test obj {test['objective']:8.1f} "
+                 f"neg-ELBO {test['neg_elbo']:7.1f} recon {test['recon']:7.1f} "
+                 f"KL {test['kl']:6.1f}  ({seconds:.0f} s)")
     return t
 
 
 def train_epoch(t, data, ranks):
-    """One epoch. Every rank takes its share of each global batch; the running sums stay on the
-    device, read once per LOG_EVERY steps and at the end."""
+    """One epoch. Every rank takes its share of each global batch; the sums stay on the device
+    and are read once, at the end."""
     s, device = t.settings, data.images.device
     t.net.train()
     for group in t.optimizer.param_groups:      # the rate depends on the epoch alone
@@ -646,16 +637,10 @@ def train_epoch(t, data, ranks):
     order = data.train_idx[epoch_order(len(data.train_idx), s.seed, t.epoch)]
     sums = {name: torch.zeros((), dtype=torch.float64, device=device)
             for name in ("objective", "recon", "kl")}
-    bar = tqdm(range(math.ceil(len(order) / s.batch_size)), leave=False,
-               desc=f"λ={weight_tag(s.kl_weight)} epoch {t.epoch + 1}",
-               disable=None if ranks.main else True)
-    for step in bar:
-        batch = order[step * s.batch_size:(step + 1) * s.batch_size]
+    for batch in tqdm(order.split(s.batch_size), leave=False, disable=None if ranks.main else True,
+                      desc=f"λ={weight_tag(s.kl_weight)} epoch {t.epoch + 1}"):
         for name, value in train_step(t, data.images, batch, ranks).items():
             sums[name] += value
-        if (step + 1) % LOG_EVERY == 0 and not bar.disable:
-            seen = (step + 1) * s.batch_size
-            bar.set_postfix(objective=f"{sums['objective'].item() * ranks.world / seen:.1f}")
     totals = {name: sum_across(value, ranks).item() for name, value in sums.items()}
     totals["neg_elbo"] = totals["recon"] + totals["kl"]
     return {name: value / len(order) for name, value in totals.items()}
@@ -704,10 +689,9 @@ def refuse_non_finite(t, train_stats, test_stats, ckpt_path):
 
 @torch.no_grad()
 def evaluate(model, images, idx, kl_weight, seed, ranks=None, batch_size=512):
-    """On the test images, always in float32: objective, true neg-ELBO (λ = 1), recon, KL, MSE
-    of the posterior-mean reconstruction, KL per latent dimension, and active units (Burda et
-    al. 2016: dimensions whose posterior mean varies across the images with variance > 0.01).
-    One seeded noise draw, so it is repeatable; under torchrun each rank takes a share."""
+    """In float32 with one seeded noise draw: objective, neg-ELBO (λ = 1), recon, KL, MSE of the
+    posterior mean's reconstruction, KL per latent dimension and active units (Burda et al.
+    2016); under torchrun each rank takes a share."""
     ranks = ranks or Ranks()
     model.eval()
     d, device = model.to_moments.out_features // 2, images.device
@@ -746,8 +730,8 @@ def scalars(stats):
 
 @torch.no_grad()
 def importance_weighted_bits(model, images, idx, k, seed):
-    """−log2 of each image's importance-weighted bound (Burda et al. 2016),
-    log (1/k) Σ p(x|z_i) p(z_i) / q(z_i|x) with z_i ~ q(z|x); k = 1 is a one-sample ELBO."""
+    """−log2 of each image's importance-weighted bound log (1/k) Σ p(x|z_i) p(z_i) / q(z_i|x),
+    z_i ~ q(z|x) (Burda et al. 2016); k = 1 is a one-sample ELBO."""
     model.eval()
     gen = torch.Generator(device=images.device).manual_seed(seed)
     bits = []
@@ -778,10 +762,9 @@ def dequantize(images, generator):
 
 
 def gaussian_bits(train_y, test_y):
-    """Bits per test row under a Gaussian fitted in closed form to dequantized rows train_y:
-    their mean and full covariance, plus the noise's variance 1/(12·256²) on the diagonal
-    so that it exists with fewer images than dimensions. + log2 256 per dimension undoes the
-    /256, so the result bounds the discrete images' bits (Theis et al. 2016)."""
+    """Bits per test row under a Gaussian with the mean and full covariance of the dequantized
+    rows train_y, plus the noise's variance 1/(12·256²) on the diagonal (so that it exists with
+    fewer images than dimensions); + log2 256 per dimension undoes the /256."""
     mean = train_y.mean(0, dtype=torch.float64)
     centred = train_y - mean.float()
     cov = (centred.T @ centred).double() / len(train_y)   # float32 product: same bits to 1e-6
@@ -825,6 +808,7 @@ class Verdict:
 
 
 def verdict(model_bits, baselines, dims, seed):
+    """λ = 1's bound against the strongest baseline."""
     name = min(baselines, key=lambda n: baselines[n].mean().item())
     gaps = ((baselines[name] - model_bits) / dims).numpy()
     ci = scipy.stats.bootstrap((gaps,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
@@ -863,14 +847,14 @@ def measure_yardstick(cfg, data, entries, lambda_1):
 
 @torch.no_grad()
 def run_pictures(model, fixed_test, z):
-    """Reconstructions (posterior means), samples and interpolation rows (each pair of test
-    images with N_STEPS decoded points between their posterior means), on the CPU."""
+    """Reconstructions (posterior means), samples and interpolation rows (two test images
+    with N_STEPS decoded points between their posterior means), on the CPU."""
     model.eval()
     recons = model.decode(model.encode(fixed_test)[0])
     samples = model.decode(z)
     t = torch.linspace(0, 1, N_STEPS, device=z.device)[:, None]
     pairs = []
-    for i in range(min(N_PAIRS, len(fixed_test) // 2)):     # the line between posterior means
+    for i in range(min(N_PAIRS, len(fixed_test) // 2)):
         ends = fixed_test[2 * i:2 * i + 2]
         mu_a, mu_b = model.encode(ends)[0]
         pairs.append(torch.cat([ends[:1], model.decode((1 - t) * mu_a + t * mu_b), ends[1:]]))
@@ -880,9 +864,7 @@ def run_pictures(model, fixed_test, z):
 
 def edge_energy(x):
     """Mean absolute difference between neighbouring pixels: a simple sharpness measure."""
-    rows = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    cols = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    return (rows + cols).item() / 2
+    return ((x.diff(dim=-2).abs().mean() + x.diff(dim=-1).abs().mean()).item()) / 2
 
 
 def picture_stats(pictures, fixed_test, mean_image):
@@ -918,33 +900,36 @@ def main(argv=None):
 
 def run(cfg):
     with sigterm_as_interrupt(), process_group(cfg.device) as (ranks, device):
-        return run_all(cfg, ranks, device)
-
-
-def run_all(cfg, ranks, device):
-    started, load_before = time.perf_counter(), os.getloadavg()[0]
-    matplotlib.use("Agg")                # figures go to files, even where a display exists
-    bf16 = use_bf16(cfg.amp, device)
-    torch.backends.cudnn.allow_tf32 = False     # float32 means float32 on cuDNN too
-    if ranks.main:
-        check_writable(cfg.out)
-    seed_everything(cfg.seed)
-    data = prepare_data(cfg, device, ranks)
-    log_plan(cfg, data, device, bf16, ranks)
-    try:
-        entries, pictures, train_s, lambda_1 = train_every_weight(cfg, data, device, bf16,
-                                                                  ranks)
-    except KeyboardInterrupt:            # the first Ctrl-C or SIGTERM, in one place
+        started, load_before = time.perf_counter(), os.getloadavg()[0]
+        matplotlib.use("Agg")                # figures go to files, even where a display exists
+        bf16 = use_bf16(cfg.amp, device)
+        torch.backends.cudnn.allow_tf32 = False     # float32 means float32 on cuDNN too
         if ranks.main:
-            print(f"interrupted: {cfg.out / 'checkpoints'} keeps the last finished epoch of "
-                  "each λ; continue with --resume", file=sys.stderr)
-        raise SystemExit(130) from None  # not a return: ranks must skip the closing barrier
-    if ranks.main:
-        yardstick, seconds = ((None, {}) if cfg.likelihood == "bernoulli" else
-                              measure_yardstick(cfg, data, entries, lambda_1))
-        write_summary(cfg, data, entries, pictures, yardstick,
-                      timing(device, bf16, ranks, data, train_s, started, load_before) | seconds)
-    return 0
+            check_writable(cfg.out)
+        seed_everything(cfg.seed)
+        data = prepare_data(cfg, device, ranks)
+        log.info(f"device {device} ({'bfloat16 autocast' if bf16 else 'float32'}, "
+                 f"{ranks.world} process{'es' if ranks.world > 1 else ''}); "
+                 f"{len(data.train_idx)} train / {len(data.test_idx)} test images; "
+                 f"λ = {', '.join(map(weight_tag, cfg.kl_weights))}; {cfg.epochs} epochs each")
+        try:
+            entries, pictures, train_s, lambda_1 = train_every_weight(cfg, data, device, bf16,
+                                                                      ranks)
+        except KeyboardInterrupt:            # the first Ctrl-C or SIGTERM, in one place
+            if ranks.main:
+                print(f"interrupted: {cfg.out / 'checkpoints'} keeps the last finished epoch "
+                      "of each λ; continue with --resume", file=sys.stderr)
+            raise SystemExit(130) from None  # not a return: ranks must skip the closing barrier
+        if ranks.main:
+            yardstick, seconds = ((None, {}) if cfg.likelihood == "bernoulli" else
+                                  measure_yardstick(cfg, data, entries, lambda_1))
+            write_summary(cfg, data, entries, pictures, yardstick, summarise({
+                "device": str(device), "bf16_autocast": bf16, "processes": ranks.world,
+                "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                "data_s": data.info["seconds"], "cache": data.info["cache"], "train_s": train_s,
+                "total_s": time.perf_counter() - started, "load_before": round(load_before, 2),
+                "load_after": round(os.getloadavg()[0], 2)} | seconds))
+        return 0
 
 
 def train_every_weight(cfg, data, device, bf16, ranks):
@@ -986,20 +971,9 @@ def collect_metrics(cfg, data, entries, yardstick):
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
         "data": info | {"train": len(data.train_idx), "test": len(data.test_idx)},
         "runs": entries,
-        "anchors": {"mean_image_mse": data.anchors["mean_image_mse"],
-                    "lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None,
-                    "recon_floor": data.anchors["recon_floor"]},
+        "anchors": data.anchors | {"lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None},
         "yardstick": yardstick and dataclasses.asdict(yardstick),
     })
-
-
-def timing(device, bf16, ranks, data, train_s, started, load_before):
-    return summarise({
-        "device": str(device), "bf16_autocast": bf16, "processes": ranks.world,
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "data_s": data.info["seconds"], "cache": data.info["cache"], "train_s": train_s,
-        "total_s": time.perf_counter() - started,
-        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)})
 
 
 def summarise(x):
@@ -1026,6 +1000,12 @@ def show_grid(ax, images, nrow, title=None):
         ax.set_title(title, fontsize=10)
 
 
+def plot_grid(images, nrow, title, figsize, path):
+    fig, ax = plt.subplots(figsize=figsize)
+    show_grid(ax, images, nrow, title)
+    save_figure_atomically(fig, path)
+
+
 def plot_learning_curve(history, kl_weight, path, dims=None):
     """In bits per dimension when `dims` is given (a likelihood of the 8-bit images), else nats."""
     epochs, unit = [h["epoch"] for h in history], "bits/dim" if dims else "nats/image"
@@ -1048,25 +1028,17 @@ def plot_learning_curve(history, kl_weight, path, dims=None):
     save_figure_atomically(fig, path)
 
 
-def plot_grid(images, nrow, title, figsize, path):
-    fig, ax = plt.subplots(figsize=figsize)
-    show_grid(ax, images, nrow, title)
-    save_figure_atomically(fig, path)
-
-
-def plot_per_dimension(values, threshold, kl_weight, what, path):
+def plot_per_dimension(values, threshold, title, axis, path):
     """One bar per latent dimension, sorted, with the threshold that makes a dimension count."""
     values = np.sort(np.asarray(values))[::-1]
-    above = int((values > threshold).sum())
     fig, ax = plt.subplots(figsize=(8, 3.4))
     ax.bar(np.arange(len(values)), np.maximum(values, 1e-5), width=1.0,
            color=np.where(values > threshold, "tab:blue", "tab:grey"))
     ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold}")
-    ax.set_yscale("log")
-    ax.set_xlabel("latent dimension, sorted")
-    ax.set_ylabel(f"{what['axis']}\n(below 1e-5 drawn at 1e-5)", fontsize=9)
-    ax.set_title(f"λ = {weight_tag(kl_weight)}: {what['title']}, {above}/{len(values)} above "
-                 "the threshold", fontsize=10)
+    ax.set(yscale="log", xlabel="latent dimension, sorted")
+    ax.set_ylabel(f"{axis}\n(below 1e-5 drawn at 1e-5)", fontsize=9)
+    ax.set_title(f"{title}, {int((values > threshold).sum())}/{len(values)} above the threshold",
+                 fontsize=10)
     ax.legend(fontsize=8)
     save_figure_atomically(fig, path)
 
@@ -1090,8 +1062,7 @@ def plot_comparison(pictures_by_weight, fixed_test, path):
 
 
 def figure_paths(out, kl_weight):
-    tag = weight_tag(kl_weight)
-    return {name: out / f"lambda_{tag}_{name}.png"
+    return {name: out / f"lambda_{weight_tag(kl_weight)}_{name}.png"
             for name in ("learning_curve", "reconstructions", "samples", "interpolations",
                          "active_units", "kl_per_dim")}
 
@@ -1111,16 +1082,34 @@ def write_run_figures(out, kl_weight, history, pictures, fixed_test, test, dims)
         plot_grid(torch.cat(pictures["pairs"]), N_STEPS + 2, f"{tag}: original, {N_STEPS} decoded "
                   "steps between the two posterior means, original",
                   (12, 1.1 * len(pictures["pairs"]) + 0.6), paths["interpolations"])
-    plot_per_dimension(test["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE, kl_weight,
-                       {"axis": "variance of the posterior mean\nover the test images",
-                        "title": "active units (Burda et al. 2016)"}, paths["active_units"])
-    plot_per_dimension(test["kl_per_dim"], KL_ACTIVE_NATS, kl_weight,
-                       {"axis": "mean KL over the test set, nats",
-                        "title": "KL per latent dimension"}, paths["kl_per_dim"])
+    plot_per_dimension(test["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE,
+                       f"{tag}: active units (Burda et al. 2016)",
+                       "variance of the posterior mean\nover the test images",
+                       paths["active_units"])
+    plot_per_dimension(test["kl_per_dim"], KL_ACTIVE_NATS, f"{tag}: KL per latent dimension",
+                       "mean KL over the test set, nats", paths["kl_per_dim"])
+
+
+def plot_rate_distortion(y, path):
+    """Each λ at (rate, distortion); each baseline as the line rate + distortion = its bits."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    right = max(m["rate_bpd"] for m in y["models"].values()) * 1.3 + 0.02
+    for (name, bpd), colour in zip(y["baselines"].items(), plt.cm.tab10.colors[3:]):
+        ax.plot([0, right], [bpd, bpd - right], "--", lw=1, color=colour, label=f"{name} {bpd:.2f}")
+    for tag, m in y["models"].items():
+        ax.plot(m["rate_bpd"], m["distortion_bpd"], "ko")
+        ax.annotate(f"λ = {tag}", (m["rate_bpd"], m["distortion_bpd"]), xytext=(6, 4),
+                    textcoords="offset points")
+    ax.set(xlim=(0, right), xlabel="rate KL(q(z|x) ‖ N(0, I)), bits per dimension",
+           ylabel="distortion −E log p(x|z), bits per dimension",
+           title="Test rate and distortion; dashed: rate + distortion = a baseline's bits")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure_atomically(fig, path)
 
 
 # ======================================================================================
-# Appendix B: the report
+# Appendix B: the report (its long explanations are in docs/vae_anime.md)
 # ======================================================================================
 
 
@@ -1130,8 +1119,7 @@ def fmt(x, digits=1):
 
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def layer_label(layer):
@@ -1139,9 +1127,7 @@ def layer_label(layer):
     label = type(layer).__name__
     if hasattr(layer, "kernel_size"):
         label += f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/{layer.stride[0]}"
-    if isinstance(layer, nn.LeakyReLU):
-        label += f" {layer.negative_slope:g}"
-    return label
+    return label + (f" {layer.negative_slope:g}" if isinstance(layer, nn.LeakyReLU) else "")
 
 
 def architecture_table(model, image_size):
@@ -1164,9 +1150,38 @@ def architecture_table(model, image_size):
         out = walk(model.decoder, z, "dec ")
         walk([model.output], out[:, :3], "dec means: ")
         if out.shape[1] > 3:
-            rows.append(("dec log scales: channels 4-6, for the likelihood (not in the seed)",
-                         (3, *out.shape[2:]), 0))
+            per = "sub-pixel" if model.likelihood == "logistic-pixel" else "colour channel"
+            rows.append((f"dec log scales: channels 4-6, one per {per}, for the likelihood "
+                         "(not in the seed)", (3, *out.shape[2:]), 0))
     return rows
+
+
+def build_report(metrics, model, out):
+    cfg, timing, data = metrics["config"], metrics["timing"], metrics["data"]
+    size, weights = cfg["image_size"], ", ".join(weight_tag(r["kl_weight"])
+                                                 for r in metrics["runs"])
+    skipped = (f"{len(data['skipped'])} unreadable files were skipped "
+               f"({name_some(data['skipped'])}). " if data["skipped"]
+               else "No file was unreadable. ")
+    upscaled = (f"{len(data['upscaled'])} images smaller than {size}px were upscaled. "
+                if data["upscaled"] else "")
+    return "\n".join([f"""# VAE on anime faces: the KL weight λ at {weights}
+
+Generated by `vae_anime.py` from `metrics.json`; every number below is measured in this run
+({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, \
+total {fmt(timing['total_s'] / 60)} min).
+
+## Preprocessing
+
+{data['files_found']:,} image files in `{data['folder']}` (searched recursively);
+{data['images']:,} decoded. {skipped}{upscaled}Each is cropped to its central square,
+box-averaged to {size}×{size} RGB (transparency over white) and cached; split by seed {cfg['seed']}:
+{data['train']:,} training and {data['test']:,} test images.
+""", model_section(metrics, model), results_section(metrics),
+                      yardstick_section(metrics["yardstick"], timing, 3 * size * size),
+                      "## What the numbers say about the KL term\n\n" + discussion(metrics)
+                      + rate_distortion_lines(metrics["yardstick"], metrics["runs"]) + "\n",
+                      figures_section(metrics, out), timing_section(timing)])
 
 
 def model_section(metrics, model):
@@ -1174,25 +1189,34 @@ def model_section(metrics, model):
     rows = architecture_table(model, cfg["image_size"])
     table = markdown_table(["layer", "output shape", "parameters"],
                            [(n, "×".join(map(str, s)), f"{p:,}") for n, s, p in rows])
-    size, decay = cfg["image_size"], cfg["lr_decay"]
+    decay = f", × {cfg['lr_decay']} after each epoch" if cfg["lr_decay"] != 1 else ""
     centre = ("" if all(m.kernel_size == (4, 4) for m in model.modules()
                         if hasattr(m, "kernel_size")) else
               " The 2×2 kernels are the seed's 4×4 / stride 2 ones where the side is 2 or 1: "
-              "only their centre taps ever meet the image, the rest meet padding.")
+              "only their centre taps ever meet the image.")
     return f"""## Model and loss
 
-Encoder, a Gaussian latent of {cfg['latent_dim']} dimensions (μ and log σ²) and decoder, layer
-by layer as traced through the model: {sum(p for _, _, p in rows):,} parameters.{centre}
+Encoder, a Gaussian latent of {cfg['latent_dim']} dimensions and decoder, as traced through the
+model: {sum(p for _, _, p in rows):,} parameters.{centre}
 
 {table}
 
-Loss per image: reconstruction summed over the 3×{size}×{size} values plus
-λ·KL(q(z|x) ‖ N(0, I)) summed over the latent dimensions, averaged over the batch.
-{likelihood_paragraph(cfg["likelihood"], anchors)}
-Adam, learning rate {cfg['lr']}{f" multiplied by {decay} after each epoch" if decay != 1 else ""},
-batch {cfg['batch_size']} (fused Adam). Test numbers use one seeded posterior sample per
-image; MSE and reconstructions use the posterior mean.
+Loss per image: reconstruction summed over its values plus λ·KL(q(z|x) ‖ N(0, I)) summed over
+the latent dimensions, averaged over the batch. {likelihood_paragraph(cfg["likelihood"], anchors)}
+Fused Adam, learning rate {cfg['lr']}{decay}, batch {cfg['batch_size']}. Test numbers use one
+seeded posterior sample per image; MSE and reconstructions use the posterior mean.
 """
+
+
+def likelihood_paragraph(likelihood, anchors):
+    if likelihood == "bernoulli":
+        return ("The likelihood is **Bernoulli** (binary cross-entropy), the assignment's "
+                "convention; its minimum is the pixels' own binary entropy "
+                f"({fmt(anchors['recon_floor'])} nats/image on this test set), not 0.")
+    scale = ("per sub-pixel" if likelihood == "logistic-pixel" else "per colour channel (σ-VAE)")
+    return f"""The likelihood is a **discretized logistic** over the 256
+levels of each sub-pixel (PixelCNN++) with a learned log scale {scale}, so the negative ELBO
+is a code length of the 8-bit images (docs/vae_anime.md)."""
 
 
 def results_section(metrics):
@@ -1202,10 +1226,9 @@ def results_section(metrics):
              f"{r['test']['active_units']}/{latent}", f"{r['test']['kl_active_dims']}/{latent}",
              fmt(r["history"][-1]["train"]["objective"]) if r["history"] else "–")
             for r in metrics["runs"]]
-    anchor_rows = [("mean training image", anchors["mean_image_mse"]),
-                   ("λ = 0 model", anchors.get("lambda_0_mse"))]
     rows += [(f"anchor: {name}", "", "", "", fmt(mse, 4), "", "", "")
-             for name, mse in anchor_rows if mse is not None]
+             for name, mse in (("mean training image", anchors["mean_image_mse"]),
+                               ("λ = 0 model", anchors.get("lambda_0_mse"))) if mse is not None]
     table = markdown_table(["λ", "test neg-ELBO (nats)", "recon (nats)", "KL (nats)", "test MSE",
                             "active units", "KL-active dims", "train objective"], rows)
     precision = "bfloat16 autocast" if metrics["timing"]["bf16_autocast"] else "float32"
@@ -1213,171 +1236,9 @@ def results_section(metrics):
 
 {table}
 
-Active units (Burda et al. 2016): dimensions whose posterior mean varies over the test images
-with variance Var_x(E_q[z_d]) above {ACTIVE_UNIT_VARIANCE} (`lambda_<λ>_active_units.png`).
-KL-active dims: dimensions whose mean KL(q(z_d|x) ‖ N(0, 1)) exceeds {KL_ACTIVE_NATS} nats
-(`lambda_<λ>_kl_per_dim.png`). They need not agree: a posterior variance away from 1 carries KL
-while the mean stays put. Training used {precision}; every test number is computed in float32
-(TF32 off on CUDA).
+Active units: Var_x(E_q[z_d]) above {ACTIVE_UNIT_VARIANCE} (Burda et al. 2016); KL-active dims:
+mean KL above {KL_ACTIVE_NATS} nats. Training in {precision}; every test number in float32.
 """
-
-
-def preprocessing_section(metrics):
-    cfg, data = metrics["config"], metrics["data"]
-    size = cfg["image_size"]
-    skipped = (f"{len(data['skipped'])} unreadable files were skipped "
-               f"({name_some(data['skipped'])}). " if data["skipped"]
-               else "No file was unreadable. ")
-    upscaled = (f"{len(data['upscaled'])} images smaller than {size}px were upscaled. "
-                if data["upscaled"] else "")
-    return f"""## Preprocessing
-
-{data['files_found']:,} image files in `{data['folder']}` (searched recursively);
-{data['images']:,} decoded. {skipped}{upscaled}Each image is decoded by torchvision, converted
-to RGB (transparency over white), cropped to its central square, resized to {size}×{size}
-with antialiased bilinear interpolation and scaled to [0, 1]. The decoded uint8 tensor is
-cached, keyed by the file list (paths, sizes, mtimes) and the size. Split by seed {cfg['seed']}:
-{data['train']:,} training and {data['test']:,} test images.
-"""
-
-
-def figures_section(metrics, out):
-    lines = ["## Figures\n", "![the three λ side by side](lambda_comparison.png)\n",
-             "Samples and reconstructions are the decoder's means (the usual practice), not "
-             "draws from p(x|z).\n"]
-    if (out / "rate_distortion.png").exists():
-        lines.append("![rate and distortion of each λ](rate_distortion.png)\n")
-    for r in metrics["runs"]:
-        tag = weight_tag(r["kl_weight"])
-        lines.append(f"### λ = {tag}\n")
-        lines += [f"![λ = {tag} {name.replace('_', ' ')}]({path.name})\n"
-                  for name, path in figure_paths(out, r["kl_weight"]).items() if path.exists()]
-    return "\n".join(lines)
-
-
-def timing_section(timing):
-    per_weight = ", ".join(f"λ = {w}: {fmt(s)} s" for w, s in timing["train_s"].items())
-    return f"""## Timing
-
-Data: {fmt(timing['data_s'])} s (cache {timing['cache']}). Training:
-{per_weight}.
-Load average before / after: {timing['load_before']} / {timing['load_after']} on \
-{timing['cpus']} CPUs.
-"""
-
-
-def build_report(metrics, model, out):
-    cfg, timing = metrics["config"], metrics["timing"]
-    weights = ", ".join(weight_tag(r["kl_weight"]) for r in metrics["runs"])
-    header = f"""# VAE on anime faces: the KL weight λ at {weights}
-
-Generated by `vae_anime.py` from `metrics.json`; every number below is measured in this run
-({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, \
-total {fmt(timing['total_s'] / 60)} min).
-"""
-    discussion_md = ("## What the numbers say about the KL term\n\n" + discussion(metrics)
-                     + rate_distortion_lines(metrics["yardstick"]) + "\n")
-    return "\n".join([header, preprocessing_section(metrics), model_section(metrics, model),
-                      results_section(metrics), yardstick_section(metrics["yardstick"], timing),
-                      discussion_md, figures_section(metrics, out), timing_section(timing)])
-
-
-def discussion(metrics):
-    """Sentences about the KL term, each conditional on what the measured numbers show."""
-    runs = {r["kl_weight"]: r for r in metrics["runs"]}
-    lines = [best_elbo_line(runs)]
-    lines += [strong_kl_line(w, r, metrics) for w, r in sorted(runs.items(), reverse=True)
-              if w > 1]
-    if 0.0 in runs:
-        lines.append(lambda_0_line(runs))
-    sharpness = ", ".join(f"λ = {weight_tag(w)}: reconstructions "
-                          f"{fmt(r['pictures']['recon_sharpness'], 2)}, "
-                          f"samples {fmt(r['pictures']['sample_sharpness'], 2)}"
-                          for w, r in runs.items())
-    lines.append("- Sharpness (mean neighbouring-pixel difference relative to real test images): "
-                 f"{sharpness}. Below 1 means blurrier than the data.")
-    return "\n".join(lines)
-
-
-def best_elbo_line(runs):
-    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
-    verdict = (", as expected, since only λ = 1 optimises the ELBO itself."
-               if best["kl_weight"] == 1
-               else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
-               if 1.0 in runs else ".")
-    return (f"- The lowest test negative ELBO (λ = 1 accounting) is at "
-            f"λ = {weight_tag(best['kl_weight'])}: {fmt(best['test']['neg_elbo'])} nats/image"
-            + verdict)
-
-
-def strong_kl_line(w, r, metrics):
-    """λ > 1: has the posterior collapsed, and are the samples just the mean face?"""
-    latent, mean_mse = metrics["config"]["latent_dim"], metrics["anchors"]["mean_image_mse"]
-    t, to_mean = r["test"], r["pictures"]["sample_mse_to_mean_image"]
-    collapsed = t["active_units"] <= max(1, latent // 10)
-    state = ("the posterior has collapsed onto the prior: no latent dimension's posterior mean "
-             f"varies across images by more than {ACTIVE_UNIT_VARIANCE}"
-             if t["active_units"] == 0 else
-             "the posterior has largely collapsed onto the prior" if collapsed
-             else "the posterior has not collapsed (many units stay active)")
-    samples = (f"Its samples sit close to the mean face (MSE to it {fmt(to_mean, 4)}, "
-               f"while real test images are {fmt(mean_mse, 4)} from it)."
-               if to_mean < 0.5 * mean_mse else
-               f"Its samples are not just the mean face (MSE to it {fmt(to_mean, 4)} "
-               f"vs {fmt(mean_mse, 4)} for real images).")
-    no_better = " — no better than the mean face" if t["mse"] >= 0.95 * mean_mse else ""
-    return (f"- λ = {weight_tag(w)}: KL {fmt(t['kl'], 2)} nats/image with "
-            f"{t['active_units']}/{latent} active units; {state}. Its test MSE is "
-            f"{fmt(t['mse'], 4)} against {fmt(mean_mse, 4)} for always predicting the mean "
-            f"training image{no_better}. {samples}")
-
-
-def lambda_0_line(runs):
-    """λ = 0: does it reconstruct best, and what does dropping the KL term do to its samples?"""
-    r0 = runs[0.0]
-    sharpest = all(r0["test"]["mse"] < r["test"]["mse"] for w, r in runs.items() if w != 0)
-    line = (f"- λ = 0 (a plain autoencoder with noise): test MSE {fmt(r0['test']['mse'], 4)}, "
-            + ("the lowest of all runs, so its reconstructions are the most faithful" if sharpest
-               else "not the lowest of all runs, so the numbers do not show it reconstructing "
-                    "best")
-            + f" (edge sharpness {fmt(r0['pictures']['recon_sharpness'], 2)} of the real "
-              "images'). ")
-    if 1.0 not in runs:
-        return line
-    kl0, kl1 = r0["test"]["kl"], runs[1.0]["test"]["kl"]
-    far = ("prior draws land far from the codes the decoder was trained on" if kl0 > 2 * kl1
-           else "its codes are not much further from the prior than λ = 1's")
-    line += (f"Nothing pulls its posterior towards N(0, I): KL {fmt(kl0)} nats/image vs "
-             f"{fmt(kl1)} at λ = 1, so {far}")
-    s0, s1 = r0["pictures"], runs[1.0]["pictures"]
-    worse = [what for what, key in (("blurrier", "sample_sharpness"),
-                                    ("less varied", "sample_pixel_std")) if s0[key] < s1[key]]
-    return line + (f". Its prior samples are "
-                   f"{' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
-                   f" than λ = 1's (sharpness {fmt(s0['sample_sharpness'], 2)} vs "
-                   f"{fmt(s1['sample_sharpness'], 2)}; pixel std across the 64 samples "
-                   f"{fmt(s0['sample_pixel_std'], 3)} vs {fmt(s1['sample_pixel_std'], 3)}); "
-                   "whether they look like faces is for the samples figure to show.")
-
-
-# ---- the yardstick: bits per dimension against density baselines
-
-
-def likelihood_paragraph(likelihood, anchors):
-    if likelihood == "bernoulli":
-        return ("The likelihood is **Bernoulli** (binary cross-entropy on the sigmoid's logits), "
-                "the assignment's convention. For pixels that are not 0 or 1 it is not a "
-                "normalised density: its minimum is the pixels' own binary entropy "
-                f"({fmt(anchors['recon_floor'])} nats/image on this test set), not 0.")
-    scale = ("the last three give their log scales (the seed's last layer has 3 more outputs)"
-             if likelihood == "logistic-pixel" else "one learned log scale per colour channel "
-             "serves all pixels (σ-VAE, Rybkin et al. 2021)")
-    return f"""The likelihood is a **discretized logistic** over the 256 levels of each sub-pixel
-(PixelCNN++, Salimans et al. 2017): the sigmoid of the first three output channels gives the
-means and {scale}. A level's probability is the logistic's mass over its 1/255-wide bin, the
-bins 0 and 255 taking the tails, so the negative ELBO is a code length of the 8-bit images.
-Log scales start at log(0.23·√3/π), the width of the pixels' spread around the mean image; the
-scale's form was chosen on validation images (docs/vae_likelihood_choice.md)."""
 
 
 def yardstick_table(y):
@@ -1399,7 +1260,7 @@ def verdict_phrase(v):
                                  "the interval includes 0"}[v["claim"]]
 
 
-def yardstick_section(y, timing):
+def yardstick_section(y, timing, dims):
     if y is None:
         return ("## Bits per dimension\n\nThis run has no bits per dimension: a Bernoulli gives "
                 "no probability to the 256 levels of a pixel, so its negative ELBO is not a "
@@ -1407,67 +1268,138 @@ def yardstick_section(y, timing):
     v, iw = y["verdict"], y["iw"]
     verdict = (f"**Verdict.** λ = 1's importance-weighted bound {verdict_phrase(v)}: gap "
                f"{fmt(v['gap'], 3)} bits per dimension (baseline − VAE), 95% bootstrap interval "
-               f"[{fmt(v['ci95'][0], 3)}, {fmt(v['ci95'][1], 3)}] over the test images. The "
-               "strongest baseline is picked on test, which can only make the VAE look worse."
+               f"[{fmt(v['ci95'][0], 3)}, {fmt(v['ci95'][1], 3)}] over the test images (the "
+               "strongest baseline is picked on test: that can only make the VAE look worse)."
                if v else "No λ = 1 run, so no importance-weighted bound and no verdict.")
-    bound = (f" λ = 1's importance-weighted bound (Burda et al. 2016) takes k = {iw['k']} "
-             f"samples of q(z|x) per test image ({fmt(timing['iw_s'])} s)." if iw else "")
+    bound = (f" λ = 1's importance-weighted bound (Burda et al. 2016) uses k = {iw['k']} samples "
+             f"of q(z|x) per test image ({fmt(timing['iw_s'])} s)." if iw else "")
     return f"""## Bits per dimension: the VAE against density baselines
 
 {yardstick_table(y)}
 
-Bits per dimension = nats per image / (3·H·W · ln 2): the negative ELBO split into distortion
-−E_q[log p(x|z)] and rate KL(q(z|x) ‖ N(0, I)), one posterior sample per image.{bound} Baselines
-({fmt(timing['baselines_s'])} s) are fitted on the training images only: a histogram per
-sub-pixel with add-one smoothing; a Gaussian with a full covariance fitted in closed form on
-dequantized pixels (x + u)/256, u ~ U[0, 1), scored on dequantized test pixels with the log 256
-Jacobian, so it bounds the discrete images' bits (Theis et al. 2016); PNG (Pillow, optimize)
-and WebP lossless (method 4, effort 0): file bits / (3·H·W), headers included.
+Bits per dimension = negative ELBO in nats / ({dims:,} · ln 2), split into distortion
+−E_q[log p(x|z)] and rate KL(q(z|x) ‖ N(0, I)).{bound} Baselines ({fmt(timing['baselines_s'])} s)
+are fitted on the training images only. The Gaussian is fitted on dequantized pixels
+(x + u)/256 and scored on dequantized test pixels: a continuous density on dequantized data
+bounds the discrete likelihood (Theis et al. 2016). Codec bits are file sizes, headers included.
 
 {verdict}
 """
 
 
-def rate_distortion_lines(y):
-    """What rate and distortion say about a decoder that treats pixels as independent given z."""
+def discussion(metrics):
+    """A table of what each λ learned, and sentences that follow from its numbers."""
+    runs, latent = {r["kl_weight"]: r for r in metrics["runs"]}, metrics["config"]["latent_dim"]
+    rows = [(weight_tag(w), fmt(r["test"]["kl"], 2), f"{r['test']['active_units']}/{latent}",
+             fmt(r["test"]["mse"], 4), fmt(r["pictures"]["recon_sharpness"], 2),
+             fmt(r["pictures"]["sample_sharpness"], 2),
+             fmt(r["pictures"]["sample_mse_to_mean_image"], 4),
+             fmt(r["pictures"]["sample_pixel_std"], 3)) for w, r in runs.items()]
+    rows.append(("real test images", "", "", "", "1", "1",
+                 fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
+    table = markdown_table(["λ", "KL (nats)", "active units", "test MSE", "recon sharpness",
+                            "sample sharpness", "samples' MSE to the mean image",
+                            "samples' pixel std"], rows)
+    lines = [best_elbo_line(runs)]
+    lines += [strong_kl_line(w, r, metrics) for w, r in sorted(runs.items(), reverse=True)
+              if w > 1]
+    lines += [lambda_0_line(runs)] if 0.0 in runs else []
+    return (f"{table}\n\nSharpness: mean neighbouring-pixel difference relative to the real test "
+            "images (below 1: blurrier).\n\n" + "\n".join(lines))
+
+
+def best_elbo_line(runs):
+    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
+    why = (", as expected: only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
+           else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
+           if 1.0 in runs else ".")
+    return (f"- The lowest test negative ELBO is at λ = {weight_tag(best['kl_weight'])}: "
+            f"{fmt(best['test']['neg_elbo'])} nats/image{why}")
+
+
+def strong_kl_line(w, r, metrics):
+    """λ > 1: has the posterior collapsed, and are the samples just the mean face?"""
+    latent, mean_mse = metrics["config"]["latent_dim"], metrics["anchors"]["mean_image_mse"]
+    t, active = r["test"], r["test"]["active_units"]
+    state = ("has collapsed onto the prior: no latent dimension is active" if active == 0
+             else "has largely collapsed" if active <= max(1, latent // 10)
+             else "has not collapsed")
+    mse = ("no better than the mean face" if t["mse"] >= 0.95 * mean_mse
+           else "better than the mean face")
+    samples = ("sit close to" if r["pictures"]["sample_mse_to_mean_image"] < 0.5 * mean_mse
+               else "are not just")
+    return (f"- λ = {weight_tag(w)}: the posterior {state}; its reconstructions are {mse}, and "
+            f"its samples {samples} the mean face.")
+
+
+def lambda_0_line(runs):
+    """λ = 0: does it reconstruct best, and what does dropping the KL term do to its samples?"""
+    r0 = runs[0.0]
+    lowest = all(r0["test"]["mse"] < r["test"]["mse"] for w, r in runs.items() if w != 0)
+    line = ("- λ = 0 (a plain autoencoder with noise): its test MSE is "
+            + ("the lowest of all runs." if lowest else "not the lowest of all runs."))
+    if 1.0 not in runs:
+        return line
+    s0, s1 = r0["pictures"], runs[1.0]["pictures"]
+    far = ("prior draws land far from the codes the decoder was trained on"
+           if r0["test"]["kl"] > 2 * runs[1.0]["test"]["kl"]
+           else "its codes are not much further from the prior than λ = 1's")
+    worse = [what for what, key in (("blurrier", "sample_sharpness"),
+                                    ("less varied", "sample_pixel_std")) if s0[key] < s1[key]]
+    return line + (f" Nothing pulls its posterior towards N(0, I), so {far}; its prior samples "
+                   f"are {' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
+                   " than λ = 1's.")
+
+
+def rate_distortion_lines(y, runs):
+    """Rate and distortion of each λ, and what they say about a decoder that treats pixels as
+    independent given z."""
     if y is None:
         return ""
-    rates = "; ".join(f"λ = {tag}: rate {fmt(m['rate_bpd'], 4)}, distortion "
-                      f"{fmt(m['distortion_bpd'], 3)}" for tag, m in y["models"].items())
-    lines = [f"\n- Rate and distortion in bits per dimension (`rate_distortion.png`): {rates}. "
-             "With no rate z tells the decoder nothing: it is then one independent "
-             "distribution per sub-pixel, like the histogram "
-             f"({fmt(y['baselines']['histogram per sub-pixel'], 3)})."]
+    active = {weight_tag(r["kl_weight"]): r["test"]["active_units"] for r in runs}
+    table = markdown_table(["λ", "rate (bpd)", "distortion (bpd)", "active units"],
+                           [(tag, fmt(m["rate_bpd"], 4), fmt(m["distortion_bpd"], 3), active[tag])
+                            for tag, m in y["models"].items()])
+    histogram = fmt(y["baselines"]["histogram per sub-pixel"], 3)
+    lines = [f"\n\nRate and distortion (`rate_distortion.png`):\n\n{table}\n\n"
+             "With no rate z tells the decoder nothing: it is then one independent distribution "
+             f"per sub-pixel, like the histogram ({histogram})."]
     if y["iw"]:
         gauss, bound = y["baselines"]["Gaussian, full covariance"], y["iw"]["bpd"]
-        lines.append("- Given z the decoder treats the sub-pixels as independent, so every "
+        lines.append("Given z the decoder treats the sub-pixels as independent, so every "
                      "correlation the code does not carry is paid as independent noise in the "
-                     "distortion; a full-covariance Gaussian models correlations directly, at no "
-                     f"rate: {fmt(gauss, 3)} bits per dimension against λ = 1's {fmt(bound, 3)}"
+                     "distortion; a full-covariance Gaussian models the correlations directly, at "
+                     f"no rate: {fmt(gauss, 3)} bits per dimension against λ = 1's {fmt(bound, 3)}"
                      + (", fewer." if gauss < bound else ", more."))
+    return " ".join(lines)
+
+
+def figures_section(metrics, out):
+    lines = ["## Figures\n", "![the three λ side by side](lambda_comparison.png)\n",
+             "Samples shown are the decoder's means (standard practice), not draws from p(x|z); "
+             "so are the reconstructions.\n"]
+    if (out / "rate_distortion.png").exists():
+        lines.append("![rate and distortion of each λ](rate_distortion.png)\n")
+    for r in metrics["runs"]:
+        tag = weight_tag(r["kl_weight"])
+        lines.append(f"### λ = {tag}\n")
+        lines += [f"![λ = {tag} {name.replace('_', ' ')}]({path.name})\n"
+                  for name, path in figure_paths(out, r["kl_weight"]).items() if path.exists()]
     return "\n".join(lines)
 
 
-def plot_rate_distortion(y, path):
-    """Each λ at (rate, distortion); each baseline as the line rate + distortion = its bits."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    right = max(m["rate_bpd"] for m in y["models"].values()) * 1.3 + 0.02
-    for (name, bpd), colour in zip(y["baselines"].items(), plt.cm.tab10.colors[3:]):
-        ax.plot([0, right], [bpd, bpd - right], "--", lw=1, color=colour, label=f"{name} {bpd:.2f}")
-    for tag, m in y["models"].items():
-        ax.plot(m["rate_bpd"], m["distortion_bpd"], "ko")
-        ax.annotate(f"λ = {tag}", (m["rate_bpd"], m["distortion_bpd"]), xytext=(6, 4),
-                    textcoords="offset points")
-    ax.set(xlim=(0, right), xlabel="rate KL(q(z|x) ‖ N(0, I)), bits per dimension",
-           ylabel="distortion −E log p(x|z), bits per dimension",
-           title="Test rate and distortion; dashed: rate + distortion = a baseline's bits")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure_atomically(fig, path)
+def timing_section(timing):
+    per_weight = ", ".join(f"λ = {w}: {fmt(s)} s" for w, s in timing["train_s"].items())
+    return f"""## Timing
+
+Data: {fmt(timing['data_s'])} s (cache {timing['cache']}). Training: {per_weight}.
+Load average before / after: {timing['load_before']} / {timing['load_after']} on \
+{timing['cpus']} CPUs.
+"""
 
 
 # ======================================================================================
-# Appendix C: this script's own plumbing (names, paths, log lines)
+# Appendix C: this script's own plumbing (names, torchrun, signals)
 # ======================================================================================
 
 
@@ -1477,42 +1409,6 @@ def weight_tag(kl_weight):
 
 def checkpoint_path(out, kl_weight):
     return out / "checkpoints" / f"lambda_{weight_tag(kl_weight)}.pt"
-
-
-def name_some(names, limit=5):
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def log_data(info):
-    if info["cache"] == "hit":
-        log.info(f"data: {info['images']} images of {info['image_size']}px from the cache "
-                 f"({info['seconds']:.1f} s)")
-    else:
-        log.info(f"data: decoded {info['images']} of {info['files_found']} files in "
-                 f"{info['seconds']:.1f} s ({info['files_found'] / info['seconds']:.0f} files/s, "
-                 f"{info['decode_workers']} processes); cached")
-    if info["skipped"]:
-        log.warning(f"warning: skipped {len(info['skipped'])} unreadable or corrupt files: "
-                    f"{name_some(info['skipped'])}")
-    if info["upscaled"]:
-        log.warning(f"warning: {len(info['upscaled'])} images smaller than {info['image_size']}px "
-                    f"were upscaled (blurry): {name_some(info['upscaled'])}")
-
-
-def log_plan(cfg, data, device, bf16, ranks):
-    log.info(f"device {device} ({'bfloat16 autocast' if bf16 else 'float32'}, {ranks.world} "
-             f"process{'es' if ranks.world > 1 else ''}); {len(data.train_idx)} train / "
-             f"{len(data.test_idx)} test images; "
-             f"λ = {', '.join(map(weight_tag, cfg.kl_weights))}; {cfg.epochs} epochs each")
-
-
-def log_epoch(t, epochs, train_stats, test_stats, seconds):
-    log.info(f"λ={weight_tag(t.settings.kl_weight):>4} epoch {t.epoch:>3}/{epochs}  "
-             f"train obj {train_stats['objective']:8.1f} "
-             f"neg-ELBO {train_stats['neg_elbo']:7.1f} | "
-             f"test obj {test_stats['objective']:8.1f} neg-ELBO {test_stats['neg_elbo']:7.1f} "
-             f"recon {test_stats['recon']:7.1f} KL {test_stats['kl']:6.1f}  ({seconds:.0f} s)")
 
 
 @dataclass(frozen=True)
@@ -1556,9 +1452,7 @@ def process_group(device_name):
         log.setLevel(logging.ERROR)       # one log, from rank 0
     try:
         yield ranks, device
-        # Rank 0 still writes figures and reports when the others are done; a gloo rank that
-        # tore its group down first was seen to abort, so every rank waits for the last one.
-        dist.barrier()
+        dist.barrier()      # rank 0 still writes: a gloo rank that left first was seen to abort
     finally:
         dist.destroy_process_group()
 
@@ -1572,8 +1466,7 @@ def data_parallel(model, device, ranks):
 
 
 def sum_across(tensor, ranks):
-    """The tensor summed over all ranks (a copy). Every caller's tensor lives on the training
-    device, which under nccl is this rank's GPU: nccl has no CPU tensors."""
+    """The tensor summed over all ranks (a copy; on the training device, as nccl needs)."""
     total = tensor.clone()
     if ranks.world > 1:
         dist.all_reduce(total)

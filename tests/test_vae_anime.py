@@ -78,13 +78,29 @@ def small(subset, tmp_path_factory):
     return folder
 
 
+DEFAULT_RUN = ("--epochs", 1, "--batch-size", 64, "--iw-samples", 8)
+
+
+def finished_run(out, *args):
+    result = run_script(*args, "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
 @pytest.fixture(scope="session")
 def default_run(subset, tmp_path_factory):
     """The three default λ, one short epoch each, on the subset."""
-    out = tmp_path_factory.mktemp("out")
-    result = run_script("--data-dir", subset, "--out", out, "--epochs", 1, "--batch-size", 64)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, result
+    return finished_run(tmp_path_factory.mktemp("out"), "--data-dir", subset, *DEFAULT_RUN)
+
+
+TWO_EPOCHS = ("--kl-weight", 1, "--batch-size", 8, "--epochs", 2)
+
+
+@pytest.fixture(scope="session")
+def two_epoch_run(small, tmp_path_factory):
+    """λ = 1 for two uninterrupted epochs: what resumed and torchrun runs must reproduce."""
+    return finished_run(tmp_path_factory.mktemp("two_epochs"), "--data-dir", small,
+                        *TWO_EPOCHS)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -531,10 +547,34 @@ def test_the_kl_weight_changes_what_is_learned(default_run):
     assert samples[1.0].std() > 0 and not np.array_equal(samples[1.0], samples[0.0])
 
 
+def test_default_run_reports_bits_per_dimension_and_a_verdict(default_run):
+    out, result = default_run                                  # with --iw-samples 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    report = (out / "REPORT.md").read_text()
+    y = metrics["yardstick"]
+    assert y["baselines"]["uniform over 256 levels"] == 8.0 and len(y["baselines"]) == 5
+    assert set(y["models"]) == {"1", "100", "0"}
+    for m in y["models"].values():
+        assert m["elbo_bpd"] == pytest.approx(m["distortion_bpd"] + m["rate_bpd"], abs=1e-4)
+    assert y["iw"]["k"] == 8 and 0 < y["iw"]["bpd"] < y["models"]["1"]["elbo_bpd"] + 0.01
+    v = y["verdict"]
+    assert v["baseline"] == min(y["baselines"], key=y["baselines"].get)
+    assert v["claim"] in ("beats", "indistinguishable", "below")
+    assert v["ci95"][0] <= v["gap"] <= v["ci95"][1]
+    assert "bits per dimension" in report and v["baseline"] in report
+    assert "(k = 8)" in result.stdout                          # the table is printed too
+    assert (out / "rate_distortion.png").exists()
+    for needle in ("negative ELBO in nats / (3,072 · ln 2)", "(k = 8)", "Theis et al. 2016",
+                   "headers included", "one per sub-pixel", "Samples shown are the decoder's means",
+                   "| λ | rate (bpd) | distortion (bpd) | active units |",
+                   "treats the sub-pixels as independent", "95% bootstrap interval"):
+        assert needle in report, needle                        # what issue 14 asks of REPORT.md
+
+
 def test_same_seed_gives_identical_metrics(default_run, subset):
     out, _ = default_run
     first = without_timing(out / "metrics.json")
-    result = run_script("--data-dir", subset, "--out", out, "--epochs", 1, "--batch-size", 64)
+    result = run_script("--data-dir", subset, "--out", out, *DEFAULT_RUN)
     assert result.returncode == 0, result.stderr
     assert "from the cache" in result.stdout
     assert without_timing(out / "metrics.json") == first
@@ -556,8 +596,8 @@ def test_corrupt_and_small_files_are_named_in_the_log(subset, tmp_path):
     assert (data["files_found"], data["images"], data["skipped"]) == (42, 41, ["broken.jpg"])
 
 
-def test_64px_images_work_end_to_end(subset, tmp_path):
-    result = run_script("--data-dir", subset, "--out", tmp_path, "--image-size", 64,
+def test_64px_images_work_end_to_end(small, tmp_path):
+    result = run_script("--data-dir", small, "--out", tmp_path, "--image-size", 64,
                         "--kl-weight", 1, "--epochs", 1, "--batch-size", 64)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -565,22 +605,21 @@ def test_64px_images_work_end_to_end(subset, tmp_path):
     assert "| enc Conv2d 4×4/2 | 512×2×2 |" in (tmp_path / "REPORT.md").read_text()
 
 
-def test_resume_continues_where_it_stopped(small, tmp_path):
-    common = ("--data-dir", small, "--kl-weight", 1, "--batch-size", 64)
-    assert run_script(*common, "--out", tmp_path / "a", "--epochs", 1).returncode == 0
-    resumed = run_script(*common, "--out", tmp_path / "a", "--epochs", 2, "--resume")
+def test_resume_continues_where_it_stopped(small, two_epoch_run, tmp_path):
+    common = ("--data-dir", small, "--out", tmp_path, *TWO_EPOCHS)
+    assert run_script(*common[:-1], 1).returncode == 0           # --epochs 1
+    resumed = run_script(*common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from epoch 1" in resumed.stdout
-    assert run_script(*common, "--out", tmp_path / "b", "--epochs", 2).returncode == 0
-    a, b = (without_timing(tmp_path / x / "metrics.json") for x in "ab")
+    a, b = (without_timing(x / "metrics.json") for x in (tmp_path, two_epoch_run))
     assert [h["epoch"] for h in a["runs"][0]["history"]] == [1, 2]
     assert a["runs"] == b["runs"]                 # resumed == uninterrupted, to the last digit
 
 
-def test_torchrun_two_processes_follow_the_single_process_run(small, tmp_path):
-    """Two gloo processes share each global batch of 16: after a resumed torchrun run the
+def test_torchrun_two_processes_follow_the_single_process_run(small, two_epoch_run, tmp_path):
+    """Two gloo processes share each global batch of 8: after a resumed torchrun run the
     numbers equal one process's up to float noise, and one set of outputs is written."""
-    common = ["--data-dir", small, "--kl-weight", 1, "--batch-size", 16, "--device", "cpu",
+    common = ["--data-dir", small, "--kl-weight", 1, "--batch-size", 8, "--device", "cpu",
               "--out", tmp_path / "two"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                 str(SCRIPT)]
@@ -590,12 +629,9 @@ def test_torchrun_two_processes_follow_the_single_process_run(small, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("done in") == 1 and "resuming from epoch 1" in result.stdout
     assert "2 processes" in result.stdout
-    single = run_script("--data-dir", small, "--kl-weight", 1, "--batch-size", 16, "--epochs", 2,
-                        "--out", tmp_path / "one")
-    assert single.returncode == 0, single.stderr
-    assert files_under(tmp_path / "two") == files_under(tmp_path / "one")
-    two, one = (without_timing(tmp_path / name / "metrics.json")["runs"][0]
-                for name in ("two", "one"))
+    assert files_under(tmp_path / "two") == files_under(two_epoch_run)
+    two, one = (without_timing(out / "metrics.json")["runs"][0]
+                for out in (tmp_path / "two", two_epoch_run))
     for a, b in zip(two["history"] + [two], one["history"] + [one]):
         for key in ("neg_elbo", "recon", "kl", "mse"):
             assert a["test"][key] == pytest.approx(b["test"][key], rel=1e-4, abs=1e-3), key
@@ -673,10 +709,16 @@ def test_output_below_a_regular_file(subset, tmp_path):
                                    ("--epochs", "0"), ("--lr", "nan"), ("--device", "tpu"),
                                    ("--test-fraction", "1.5"), ("--seed", "-1"),
                                    ("--seed", str(2**31)), ("--amp", "maybe")])
-def test_invalid_flags(flags, tmp_path):
-    result = run_script(*flags, "--out", tmp_path / "o")
+def test_invalid_flags(flags, capsys):
+    with pytest.raises(SystemExit) as stop:
+        vae_anime.parse_args(list(flags))
+    assert stop.value.code == 2 and "error:" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_an_invalid_flag_stops_the_script_before_it_writes(tmp_path):
+    result = run_script("--image-size", "33", "--out", tmp_path / "o")
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "error:" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr and "multiple of 32" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "o").exists()
 
 
@@ -704,8 +746,11 @@ def test_resume_with_other_precision_is_refused(default_run, subset, tmp_path):
 
 
 def start_script(*args):
+    # SIGINT back to its default: a shell's background job inherits it ignored, and Python only
+    # turns it into KeyboardInterrupt when it is not.
     return subprocess.Popen([sys.executable, "-u", str(SCRIPT), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def signal_after(proc, needle, *signals, delay=0.0):
@@ -724,8 +769,9 @@ def signal_after(proc, needle, *signals, delay=0.0):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_keeps_the_last_finished_epoch_and_resume_reproduces_the_run(small, tmp_path, sig):
-    common = ["--data-dir", small, "--kl-weight", 1, "--batch-size", 8, "--epochs", 2]
+def test_a_signal_keeps_the_last_finished_epoch_and_resume_reproduces_the_run(small, two_epoch_run,
+                                                                              tmp_path, sig):
+    common = ["--data-dir", small, *TWO_EPOCHS]
     proc = start_script(*common, "--out", tmp_path / "a")
     stdout, stderr = signal_after(proc, "epoch   1/2", sig, delay=0.2)   # usually mid-epoch 2
     assert proc.returncode == 130, stdout + stderr
@@ -735,8 +781,7 @@ def test_a_signal_keeps_the_last_finished_epoch_and_resume_reproduces_the_run(sm
     assert not list((tmp_path / "a").rglob("*.tmp"))
     resumed = run_script(*common, "--out", tmp_path / "a", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert run_script(*common, "--out", tmp_path / "b").returncode == 0
-    a, b = (without_timing(tmp_path / x / "metrics.json") for x in "ab")
+    a, b = (without_timing(x / "metrics.json") for x in (tmp_path / "a", two_epoch_run))
     assert a["runs"] == b["runs"]
 
 
