@@ -549,8 +549,9 @@ def train_run(datasets, cfg, job, device, progress):
     plan = optimisation_for(len(ds.sets["train"][1]), cell, cfg)
     model, curves, kept = train_model(cell, ds, cfg, seed, device, plan, progress)
     inputs = {"val": ds.sets["val"][0], "test": ds.sets["test"][0], "latest": ds.latest}
+    model.eval()
     with torch.no_grad():
-        probs = {s: torch.sigmoid(model.eval()(torch.as_tensor(X, device=device))).cpu().numpy()
+        probs = {s: torch.sigmoid(model(torch.as_tensor(X, device=device))).cpu().numpy()
                  for s, X in inputs.items()}
     scores = {s: classification_metrics(ds.sets[s][1], probs[s]) for s in ("val", "test")}
     log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (step %d)", cell, ds.L, seed,
@@ -577,7 +578,7 @@ def train_all(datasets, cfg, device, meanwhile):
     after another, or --jobs at once in CPU worker processes while this process runs
     `meanwhile`. Each training seeds itself, so neither order nor workers change a number."""
     jobs = planned_runs(cfg)
-    workers = min(cfg.jobs, len(jobs)) if device.type == "cpu" else 1  # CUDA cannot fork
+    workers = min(cfg.jobs, len(jobs)) if device.type == "cpu" else 1  # no CUDA in a fork
     log.info("%d trainings on %s, %d at a time (--jobs %d)", len(jobs), device, workers, cfg.jobs)
     if workers == 1:
         meanwhile()
@@ -666,7 +667,8 @@ def classification_metrics(y, score):
 def label_days_before(ds, split, lag):
     """Per window, the label of the day `lag` days before its label day; 0 before the data."""
     t = ds.label_days(split) - lag
-    ok, out = t >= 1, np.zeros((ds.dC.shape[0], len(t)), dtype=int)
+    ok = t >= 1
+    out = np.zeros((ds.dC.shape[0], len(t)), dtype=int)
     out[:, ok] = LABELS[ds.label].happens(ds.dC[:, t[ok]], ds.dC[:, t[ok] - 1])
     return out.ravel()
 
@@ -893,9 +895,8 @@ def evaluate(trained, datasets, cfg):
     per_day = {k: [round(float(v), 6) for v in c.reshape(-1, boot.n_days).sum(axis=0)]
                for k, c in ((chosen, correct[chosen]), (naive, refs[naive]))}
     return Evaluation(
-        baselines["test"], baselines["val"], {s.model: s for s in summary}, gaps, val_acc,
-        chosen, naive,
-        f"95% percentile, cluster bootstrap over the {boot.n_days} test label days, "
+        baselines["test"], baselines["val"], {s.model: s for s in summary}, gaps, val_acc, chosen,
+        naive, f"95% percentile, cluster bootstrap over the {boot.n_days} test label days, "
         f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
         ensemble_score(trained, ds, cfg, chosen, boot))
 
@@ -926,9 +927,8 @@ def run(argv=None):
     evaluation = evaluate(trained, datasets, cfg)
     sweep = sweep_results(trained, datasets, cfg)
     marks["evaluation"] = time.perf_counter()
-    world = world_frame(d, C, trained, cfg, evaluation.chosen)
-    world_map = write_world_map(world, cfg.out, cfg.topojson_dir,
-                                *map_words(d, C, cfg, evaluation.chosen), LABELS[cfg.label])
+    world_map = write_world_map(*world_map_inputs(d, C, trained, cfg, evaluation.chosen),
+                                LABELS[cfg.label], cfg.out, cfg.topojson_dir)
     marks["map"] = time.perf_counter()
     write_outputs(Outcome(cfg, data_summary(d, layout, negatives, zero_var, C, datasets[cfg.L]),
                           evaluation, list(trained.values()), sweep, world_map,
@@ -996,7 +996,6 @@ class Outcome:
     sweep: Sweep
     map: "WorldMap"
     timing: dict
-
 
 
 def write_outputs(o):
@@ -1098,21 +1097,19 @@ MAP_RESOLUTION = 50  # Natural Earth 1:50m shapes: small states (Andorra, Holy S
 KOSOVO_BBOX = (19.9, 41.7, 21.9, 43.4)  # lon_min, lat_min, lon_max, lat_max
 
 
-def world_frame(d, countries_C, trained, cfg, chosen):
-    """One row per data country: P(label 1 tomorrow) by the chosen model (mean over the main
-    seeds), in C or not, low activity (last L days averaging under --min-mean), those days."""
+def world_map_inputs(d, countries_C, trained, cfg, chosen):
+    """The map's table, one row per data country: P(label 1 tomorrow) by the chosen model (mean
+    over the main seeds), in C or not, low activity (last L days averaging under --min-mean),
+    those days; and the map's title and caption."""
     last = d.to_numpy()[:, -cfg.L:]
     p = np.mean([t.probs["latest"] for t in main_runs(trained, chosen, cfg)], axis=0)
-    return pd.DataFrame({
+    world = pd.DataFrame({
         "country": d.index,
         "probability": p.astype(float),  # a sigmoid's mean: already in [0, 1]
         "in_C": d.index.isin(countries_C),
         "low_activity": last.mean(axis=1) < cfg.min_mean,
         "last_values": [", ".join(str(int(v)) for v in row) for row in last],
     })
-
-
-def map_words(d, countries_C, cfg, chosen):
     question = LABELS[cfg.label].map_title.format(
         next_day=(d.columns[-1] + pd.Timedelta(days=1)).date(), last_day=d.columns[-1].date())
     cutoff = d.columns[len(d.columns) - cfg.test_days - cfg.val_days - 1].date()
@@ -1120,7 +1117,7 @@ def map_words(d, countries_C, cfg, chosen):
              f"{len(countries_C)} countries of C, label days up to {cutoff}</sub>")
     caption = ("grey: not in the data · thick outline: in C (trained on) · faded: low activity "
                f"(last {cfg.L} days average under {cfg.min_mean:g} new cases a day)")
-    return title, caption
+    return world, title, caption
 
 
 def country_iso3(name):
@@ -1247,9 +1244,9 @@ class WorldMap:
     png_skipped_reason: str
 
 
-def write_world_map(world, out_dir, topojson_dir, title, caption, rule, png=True):
-    """world_map.html, world_probabilities.csv (every column of `world`, a `world_frame`) and
-    world_map.png; `topojson_dir` None: plotly's CDN."""
+def write_world_map(world, title, caption, rule, out_dir, topojson_dir, png=True):
+    """world_map.html, world_probabilities.csv (every column of `world`, the table of
+    `world_map_inputs`) and world_map.png; `topojson_dir` None: plotly's CDN."""
     table = world.copy()
     table.insert(1, "iso3", [country_iso3(n) for n in table["country"]])  # None: missing
     on_map = table[table["iso3"].notna()].reset_index(drop=True)

@@ -122,7 +122,7 @@ def synthetic_world(extra=()):
 
 def write_map(world, out, topojson=None, title="test map", caption="grey: not in the data",
               png=False):
-    return rnn_covid.write_world_map(world, out, topojson, title, caption, RULE, png=png)
+    return rnn_covid.write_world_map(world, title, caption, RULE, out, topojson, png=png)
 
 
 def test_writes_html_and_csv_without_browser(tmp_path, caplog):
