@@ -229,19 +229,21 @@ def file_list_key(files, data_dir, size):
     return digest.hexdigest()
 
 
+def decode_rgb(data):
+    """Encoded bytes -> 3×H×W uint8 RGB; transparent pixels become white, not black."""
+    # Only gray/RGB + alpha files take the RGBA path: torchvision's RGBA of a palette PNG
+    # without transparency is garbage, so palettes keep their colours.
+    if data[:2].tolist() == [0xFF, 0xD8] or decode_image(data).shape[0] not in (2, 4):
+        return decode_image(data, mode=ImageReadMode.RGB)
+    rgba = decode_image(data, mode=ImageReadMode.RGB_ALPHA).float()
+    alpha = rgba[3:] / 255
+    return (rgba[:3] * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+
+
 def read_square(path, size):
-    """One file -> (size×size RGB uint8 tensor, or None if unreadable; whether it was upscaled).
-    Transparent pixels become white, not black."""
+    """One file -> (size×size RGB uint8 tensor, or None if unreadable; whether it was upscaled)."""
     try:
-        data = read_file(str(path))
-        # Only gray/RGB + alpha files take the RGBA path: torchvision's RGBA of a palette PNG
-        # without transparency is garbage.
-        if data[:2].tolist() == [0xFF, 0xD8] or decode_image(data).shape[0] not in (2, 4):
-            image = decode_image(data, mode=ImageReadMode.RGB)
-        else:
-            rgba = decode_image(data, mode=ImageReadMode.RGB_ALPHA).float()
-            alpha = rgba[3:] / 255
-            image = (rgba[:3] * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+        image = decode_rgb(read_file(str(path)))
     except RuntimeError:
         return None, False
     side = min(image.shape[1:])        # centre square, so non-square pictures are not squashed
@@ -359,9 +361,13 @@ def prepare_data(cfg, device, ranks):
     anchors = {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
                "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
                / len(test_cpu)}
-    z = torch.randn(N_SAMPLES, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
     return Data(images, train_idx, test_idx, info, to_float(images[test_idx[:N_FIXED_TEST]]),
-                mean_image, z.to(device), anchors)
+                mean_image, fixed_z(cfg.latent_dim, cfg.seed, device), anchors)
+
+
+def fixed_z(latent_dim, seed, device):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(N_SAMPLES, latent_dim, generator=generator).to(device)
 
 
 def log_data(info):
@@ -504,8 +510,6 @@ def kl_per_dimension(mu, logvar):
 class RunSettings:
     """What defines one λ's training; a checkpoint made with other settings is not resumed."""
     kl_weight: float
-    amp: bool                    # bfloat16 autocast in training
-    device: str                  # its type: cpu or cuda
     seed: int
     image_size: int
     latent_dim: int
@@ -513,12 +517,14 @@ class RunSettings:
     lr: float
     lr_decay: float
     test_fraction: float
+    amp: bool                    # bfloat16 autocast in training
+    device: str                  # its type: cpu or cuda
     likelihood: str
 
     @classmethod
     def of(cls, cfg, kl_weight, bf16, device):
-        return cls(kl_weight, bf16, device.type, *(getattr(cfg, f.name)
-                                                   for f in dataclasses.fields(cls)[3:]))
+        return cls(kl_weight, cfg.seed, cfg.image_size, cfg.latent_dim, cfg.batch_size, cfg.lr,
+                   cfg.lr_decay, cfg.test_fraction, bf16, device.type, cfg.likelihood)
 
 
 @dataclass
@@ -578,8 +584,8 @@ def save_checkpoint(t, path):
 def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
     """A new training, or with --resume the one saved in the checkpoint, checked against the
     current settings and data."""
-    settings, path = RunSettings.of(cfg, kl_weight, bf16, device), checkpoint_path(cfg.out,
-                                                                                   kl_weight)
+    settings = RunSettings.of(cfg, kl_weight, bf16, device)
+    path = checkpoint_path(cfg.out, kl_weight)
     t = new_training(settings, data_key, device, ranks)
     if not (cfg.resume and path.exists()):
         return t
@@ -808,7 +814,6 @@ class Verdict:
 
 
 def verdict(model_bits, baselines, dims, seed):
-    """λ = 1's bound against the strongest baseline."""
     name = min(baselines, key=lambda n: baselines[n].mean().item())
     gaps = ((baselines[name] - model_bits) / dims).numpy()
     ci = scipy.stats.bootstrap((gaps,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
