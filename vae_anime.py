@@ -928,12 +928,8 @@ def run(cfg):
         if ranks.main:
             yardstick, seconds = ((None, {}) if cfg.likelihood == "bernoulli" else
                                   measure_yardstick(cfg, data, entries, lambda_1))
-            write_summary(cfg, data, entries, pictures, yardstick, summarise({
-                "device": str(device), "bf16_autocast": bf16, "processes": ranks.world,
-                "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                "data_s": data.info["seconds"], "cache": data.info["cache"], "train_s": train_s,
-                "total_s": time.perf_counter() - started, "load_before": round(load_before, 2),
-                "load_after": round(os.getloadavg()[0], 2)} | seconds))
+            write_summary(cfg, data, entries, pictures, yardstick,
+                          timing(device, bf16, ranks, data, train_s, started, load_before, seconds))
         return 0
 
 
@@ -979,6 +975,15 @@ def collect_metrics(cfg, data, entries, yardstick):
         "anchors": data.anchors | {"lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None},
         "yardstick": yardstick and dataclasses.asdict(yardstick),
     })
+
+
+def timing(device, bf16, ranks, data, train_s, started, load_before, yardstick_s):
+    return summarise({
+        "device": str(device), "bf16_autocast": bf16, "processes": ranks.world,
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "data_s": data.info["seconds"], "cache": data.info["cache"], "train_s": train_s,
+        "total_s": time.perf_counter() - started, "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2)} | yardstick_s)
 
 
 def summarise(x):
@@ -1293,18 +1298,16 @@ bounds the discrete likelihood (Theis et al. 2016). Codec bits are file sizes, h
 
 
 def discussion(metrics):
-    """A table of what each λ learned, and sentences that follow from its numbers."""
-    runs, latent = {r["kl_weight"]: r for r in metrics["runs"]}, metrics["config"]["latent_dim"]
-    rows = [(weight_tag(w), fmt(r["test"]["kl"], 2), f"{r['test']['active_units']}/{latent}",
-             fmt(r["test"]["mse"], 4), fmt(r["pictures"]["recon_sharpness"], 2),
+    """What each λ's pictures show (KL, active units and MSE are in the results table), and
+    sentences that follow from the numbers."""
+    runs = {r["kl_weight"]: r for r in metrics["runs"]}
+    rows = [(weight_tag(w), fmt(r["pictures"]["recon_sharpness"], 2),
              fmt(r["pictures"]["sample_sharpness"], 2),
              fmt(r["pictures"]["sample_mse_to_mean_image"], 4),
              fmt(r["pictures"]["sample_pixel_std"], 3)) for w, r in runs.items()]
-    rows.append(("real test images", "", "", "", "1", "1",
-                 fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
-    table = markdown_table(["λ", "KL (nats)", "active units", "test MSE", "recon sharpness",
-                            "sample sharpness", "samples' MSE to the mean image",
-                            "samples' pixel std"], rows)
+    rows.append(("real test images", "1", "1", fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
+    table = markdown_table(["λ", "recon sharpness", "sample sharpness",
+                            "samples' MSE to the mean image", "samples' pixel std"], rows)
     lines = [best_elbo_line(runs)]
     lines += [strong_kl_line(w, r, metrics) for w, r in sorted(runs.items(), reverse=True)
               if w > 1]
