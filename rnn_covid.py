@@ -16,8 +16,7 @@ Writes under --out (default figures/rnn_covid/), atomically: REPORT.md, metrics.
 corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png, L_sweep.png,
 world_map.html, world_map.png (needs Chrome/Chromium; BROWSER_PATH= skips it),
 world_probabilities.csv. Bad input: one line, exit code 2; Ctrl-C or SIGTERM: exit code 130.
-Read Config, the method in pipeline order, then `run()`; the appendices can be skipped.
-Details: docs/rnn_covid.md.
+Read Config, the method in pipeline order, then `run()`. Details: docs/rnn_covid.md.
 """
 import argparse
 import contextlib
@@ -208,9 +207,8 @@ def read_text_csv(path):
 
 
 def load_cumulative(path):
-    """Cumulative cases per country (provinces summed) and day, from the assignment's Excel
-    pivot export (header lines `,Lat,Long,<dates>` / `,sum,...` / `Country/Region,...`) or JHU's
-    time series. Lat/Long are dropped: the pivot export sums them over provinces."""
+    """Cumulative cases per country (provinces summed) and day, from JHU's time series or the
+    assignment's pivot export (`,Lat,Long,<dates>` / `,sum,...` / `Country/Region,...`)."""
     raw = read_text_csv(Path(path))
     head = [s.strip() for s in raw.iloc[0, :4]] if raw.shape[1] >= 4 else []
     if head == JHU_HEADER:
@@ -255,14 +253,13 @@ def daily_differences(cum, start=None, end=None):
 def load_daily_cases(cfg):
     cum, layout = load_cumulative(cfg.data)
     d, negatives = daily_differences(cum, cfg.start, cfg.end)
-    log.info("loaded %s (%s layout): %d countries, %d days of differences, %d negative "
-             "differences clipped", cfg.data, layout, d.shape[0], d.shape[1], len(negatives))
+    log.info("%s (%s): %d countries x %d days, %d negative days clipped", cfg.data, layout,
+             *d.shape, len(negatives))
     return d, layout, negatives
 
 
 def countries_of_C(d, threshold):
-    """Pearson correlations between countries' daily new cases, the zero-variance countries
-    left out (no correlation is defined), and C: every country in a pair with r > threshold."""
+    """Correlations of daily new cases (zero-variance countries left out) and C: r > threshold."""
     zero_var = sorted(d.index[d.std(axis=1) == 0])
     corr = d.drop(index=zero_var).T.corr(method="pearson")
     r = corr.to_numpy(copy=True)
@@ -272,8 +269,7 @@ def countries_of_C(d, threshold):
         largest = np.nanmax(r) if r.size > 1 else float("nan")
         raise UserError(f"--threshold {threshold} leaves {len(C)} countries in C (needs 2); "
                         f"the largest correlation between two countries is {largest:.4f}")
-    log.info("C: %d countries with r > %.2f (%d zero-variance countries excluded)",
-             len(C), threshold, len(zero_var))
+    log.info("C: %d countries with r > %.2f (%d zero-variance)", len(C), threshold, len(zero_var))
     return corr, zero_var, C
 
 # Day indices t refer to the columns of the daily-difference matrix d. The window that
@@ -368,6 +364,7 @@ class RiseClassifier(torch.nn.Module):
 # ======================================================================================
 # Training
 # ======================================================================================
+BCE = torch.nn.functional.binary_cross_entropy_with_logits
 
 
 @dataclass(frozen=True)
@@ -398,13 +395,12 @@ def batch_stream(n, batch, gen, device):
 
 def train_steps(model, opt, Xtr, ytr, stream, k):
     """k optimiser steps; mean loss and accuracy over the windows they saw, as device tensors."""
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
     model.train()
     loss_sum = correct = torch.zeros((), dtype=torch.float64, device=Xtr.device)
     seen = 0
     for _, idx in zip(range(k), stream):
         logits = model(Xtr[idx])
-        loss = bce(logits, ytr[idx])
+        loss = BCE(logits, ytr[idx])
         loss_sum = loss_sum + loss.detach().double() * len(logits)
         correct = correct + ((logits > 0) == (ytr[idx] > 0.5)).sum()
         seen += len(logits)
@@ -426,14 +422,12 @@ def evaluation_steps(n, batch, steps):
 def loss_and_accuracy(model, X, y):
     model.eval()
     logits = model(X)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-    return bce, ((logits > 0) == (y > 0.5)).float().mean()
+    return BCE(logits, y), ((logits > 0) == (y > 0.5)).float().mean()
 
 
 def train_model(cell, ds, cfg, seed, device, plan, progress=False):
-    """Adam on binary cross-entropy. The curves (test only recorded, never used) stay on the
-    device until the end; early stopping keeps the weights of lowest validation loss, else the
-    last step's, as the reference report did."""
+    """Adam on binary cross-entropy; curves (test only recorded) stay on the device to the end.
+    Early stopping keeps the weights of lowest validation loss, else the last (as the report)."""
     seed_everything(seed)
     Xtr, ytr = (torch.as_tensor(a, device=device) for a in ds.sets["train"])
     model = RiseClassifier(cell, Xtr.shape[-1], cfg.hidden, cfg.layers).to(device)
@@ -456,8 +450,7 @@ def train_model(cell, ds, cfg, seed, device, plan, progress=False):
             for k, v in model.state_dict().items():
                 kept[k].copy_(torch.where(better, v, kept[k]))
         if cfg.log_every and step // cfg.log_every > done // cfg.log_every:
-            log.info("%s step %5d  train acc %.3f  test acc %.3f", desc, step,
-                     *rows[-1][[1, 5]].tolist())
+            log.info("%s step %5d  train acc %.3f  test acc %.3f", desc, step, *rows[-1][[1, 5]])
         done = step
     names = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
     curves = dict(zip(names, (steps, *map(list, zip(*torch.stack(rows).tolist())))))
@@ -509,9 +502,8 @@ def main_runs(trained, cell, cfg):
 
 
 def train_all(datasets, cfg, device, meanwhile):
-    """Every planned training keyed by (model, L, seed), and the processes that trained: one
-    after another, or --jobs at once in CPU worker processes while this process runs
-    `meanwhile`. Each training seeds itself, so neither order nor workers change a number."""
+    """Every planned training by (model, L, seed) and the processes that trained: in turn, or in
+    --jobs CPU workers while this one runs `meanwhile`. Trainings seed themselves: same numbers."""
     jobs = [(c, cfg.L, s) for c in cfg.models for s in range(cfg.seed, cfg.seed + cfg.seeds)]
     sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models
              for s in range(cfg.seed, cfg.seed + cfg.sweep_seeds)]
@@ -524,10 +516,10 @@ def train_all(datasets, cfg, device, meanwhile):
     order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))  # longest first
     # Ctrl-C or SIGTERM while the workers are forked would raise inside an at-fork hook, where
     # Python prints the exception and carries on: hold them until the pool stands.
+    _WORKER.update(datasets=datasets, cfg=cfg, device=device)
     held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers, _start_worker,
-                                                        (datasets, cfg, device))
+        pool = multiprocessing.get_context("fork").Pool(workers, _start_worker)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
@@ -539,17 +531,16 @@ def train_all(datasets, cfg, device, meanwhile):
     return {job: results[job] for job in jobs}, workers
 
 
-_WORKER = {}  # a worker process's datasets, config and device
+_WORKER = {}  # datasets, config and device, set before the workers fork
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _start_worker(datasets, cfg, device):
+def _start_worker():
     # The parent turns Ctrl-C and SIGTERM into its exit and ends the pool: workers ignore them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)  # held by the parent while forking
     torch.set_num_threads(1)
-    _WORKER.update(datasets=datasets, cfg=cfg, device=device)
 
 
 def _worker_train(job):
@@ -562,7 +553,7 @@ def choose_model(trained, cfg):
                                        for t in main_runs(trained, c, cfg)])), 6)
                for c in cfg.models}
     chosen = max(cfg.models, key=val_acc.get)
-    log.info("mean validation accuracy over seeds: %s -> %s",
+    log.info("mean validation accuracy: %s -> %s",
              ", ".join(f"{c} {a:.3f}" for c, a in val_acc.items()), chosen)
     return chosen, val_acc
 
@@ -644,14 +635,8 @@ BASELINES = {
 
 
 def evaluate_baselines(ds, split="test"):
-    y = ds.sets[split][1]
-    return {name: classification_metrics(y, b.predict(ds, split)) for name, b in BASELINES.items()}
-
-
-def strongest_naive(baselines):
-    """The naive baseline of highest accuracy among `baselines` (name -> Scores)."""
-    return max((n for n in baselines if not BASELINES[n].learned),
-               key=lambda n: baselines[n].accuracy)
+    return {name: classification_metrics(ds.sets[split][1], b.predict(ds, split))
+            for name, b in BASELINES.items()}
 
 
 @dataclass(frozen=True)
@@ -705,10 +690,9 @@ BOOTSTRAP_RESAMPLES = 10_000
 
 
 class DayBootstrap:
-    """Cluster bootstrap over the label days of one split. The windows of one day (all countries
-    of C) are strongly correlated, far from independent trials, so each resample draws whole
-    days with replacement. One seeded set of draws serves every comparison: gaps are paired,
-    and a rerun gives the same intervals."""
+    """Cluster bootstrap over the label days of one split: the windows of one day (all of C) are
+    strongly correlated, so each resample draws whole days. One seeded set of draws serves every
+    comparison: gaps are paired, and a rerun gives the same intervals."""
 
     def __init__(self, y, n_days, resamples, seed):
         self.y = np.asarray(y) > 0.5
@@ -784,14 +768,14 @@ class Evaluation:
 
 
 def evaluate(trained, datasets, cfg):
-    """Choice on validation, baselines, the models' summary, each model's gaps to the strongest
-    naive baseline and to logistic regression with day-bootstrap intervals, the map model."""
+    """Choice on validation, baselines, summary, gaps (day-bootstrap intervals), map model."""
     ds, (chosen, val_acc) = datasets[cfg.L], choose_model(trained, cfg)
     y = ds.sets["test"][1]
     scores = {s: {n: b.predict(ds, s) for n, b in BASELINES.items()} for s in ("val", "test")}
     baselines = {s: {n: classification_metrics(ds.sets[s][1], p) for n, p in scores[s].items()}
                  for s in scores}
-    naive = strongest_naive(baselines["val"])
+    naive = max((n for n, b in BASELINES.items() if not b.learned),
+                key=lambda n: baselines["val"][n].accuracy)  # the strongest on validation
     boot = DayBootstrap(y, int(ds.masks["test"].sum()), BOOTSTRAP_RESAMPLES, cfg.seed)
     # Per test window, the fraction of the main seeds whose prediction is right.
     correct = {c: np.mean([(t.probs["test"] > 0.5) == (y > 0.5)
@@ -917,8 +901,7 @@ def write_outputs(o):
     if o.sweep.models:
         plot_sweep(o.sweep, o.config.out)
     write_text_atomically(o.config.out / "REPORT.md", build_report(o))
-    # The per-window probabilities and the curves are in the CSV and the figures.
-    record = dataclasses.asdict(o, dict_factory=lambda items: {
+    record = dataclasses.asdict(o, dict_factory=lambda items: {  # probs, curves: CSV, figures
         k: v for k, v in items if k not in ("probs", "curves")})
     write_text_atomically(o.config.out / "metrics.json",
                           json.dumps(record, indent=2, default=str) + "\n")
@@ -1007,8 +990,7 @@ MAP_RESOLUTION = 50  # Natural Earth 1:50m shapes: small states (Andorra, Holy S
 
 
 def world_map_inputs(d, countries_C, trained, cfg, chosen):
-    """The map's table (per data country: P(rise) by the chosen model, mean over the main seeds;
-    in C; low activity: last L days under --min-mean; those days), its title and caption."""
+    """The map's table (per data country, P(rise) by the chosen model), title and caption."""
     last = d.to_numpy()[:, -cfg.L:]
     p = np.mean([t.probs["latest"] for t in main_runs(trained, chosen, cfg)], axis=0)
     world = pd.DataFrame({
@@ -1018,11 +1000,10 @@ def world_map_inputs(d, countries_C, trained, cfg, chosen):
         "low_activity": last.mean(axis=1) < cfg.min_mean,
         "last_values": [", ".join(str(int(v)) for v in row) for row in last],
     })
-    question = (f"P(new cases on {(d.columns[-1] + pd.Timedelta(days=1)).date()} exceed "
-                f"{d.columns[-1].date()})")
-    cutoff = d.columns[len(d.columns) - cfg.test_days - cfg.val_days - 1].date()
-    title = (f"{question}: {chosen.upper()}, L={cfg.L}<br><sub>trained on the "
-             f"{len(countries_C)} countries of C, label days up to {cutoff}</sub>")
+    day, cutoff = d.columns[-1], d.columns[-cfg.test_days - cfg.val_days - 1].date()
+    title = (f"P(new cases on {(day + pd.Timedelta(days=1)).date()} exceed {day.date()}): "
+             f"{chosen.upper()}, L={cfg.L}<br><sub>trained on the {len(countries_C)} countries "
+             f"of C, label days up to {cutoff}</sub>")
     caption = ("grey: not in the data · thick outline: in C (trained on) · faded: low activity "
                f"(last {cfg.L} days average under {cfg.min_mean:g} new cases a day)")
     return world, title, caption
@@ -1047,13 +1028,12 @@ def load_world_topojson(topojson_dir):
         raise UserError(f"{path} not found; run `make data`, or pass another --topojson-dir")
     topo = json.loads(path.read_text(encoding="utf-8"))
     scale, shift = topo["transform"]["scale"], topo["transform"]["translate"]
-    x0, y0, x1, y1 = 19.9, 41.7, 21.9, 43.4  # Kosovo's bounding box (lon, lat)
     for g in topo["objects"]["countries"]["geometries"]:
         if g.get("id") is None and g.get("type") in ("Polygon", "MultiPolygon"):
             first = g["arcs"][0][0] if g["type"] == "Polygon" else g["arcs"][0][0][0]
             arc = np.asarray(topo["arcs"][first if first >= 0 else ~first], dtype=float)
             lon, lat = (np.cumsum(arc, axis=0) * scale + shift).T  # arcs are delta-encoded
-            if ((x0 <= lon) & (lon <= x1) & (y0 <= lat) & (lat <= y1)).all():
+            if ((19.9 <= lon) & (lon <= 21.9) & (41.7 <= lat) & (lat <= 43.4)).all():  # Kosovo
                 g["id"] = "XKX"
                 break
     return topo
@@ -1088,9 +1068,8 @@ def world_map_figure(table, title, caption):
     return fig.update_layout(
         title=dict(text=title, x=0.5, xanchor="center"),
         margin=dict(l=10, r=10, t=60, b=10), paper_bgcolor="white", plot_bgcolor="white",
-        annotations=[dict(text=caption, x=0.01, y=0.01, xref="paper", yref="paper",
-                          xanchor="left", yanchor="bottom", showarrow=False,
-                          font=dict(size=12, color="#555555"))])
+        annotations=[dict(text=caption, x=0.01, y=0.01, xref="paper", yref="paper", xanchor="left",
+                          yanchor="bottom", showarrow=False, font=dict(size=12, color="#555555"))])
 
 
 def world_map_html(fig, title, topo):
@@ -1154,7 +1133,6 @@ def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
     topo = load_world_topojson(topojson_dir) if topojson_dir is not None else None
     ids = {g.get("id") for g in topo["objects"]["countries"]["geometries"]} if topo else None
     fig = world_map_figure(on_map, title, caption)
-    out_dir = Path(out_dir)
     write_text_atomically(out_dir / "world_map.html", world_map_html(fig, title, topo))
     rows = table.sort_values(["probability", "country"], ascending=[False, True], kind="mergesort")
     write_text_atomically(out_dir / "world_probabilities.csv",
@@ -1262,7 +1240,9 @@ def report_results(o):
               "–", "–"] for name, r in base.items()]
     header = ["method", "accuracy", "balanced acc.", "ROC AUC", "F1 (rise)",
               f"gap to {naive} [95% CI]", "gap to logistic regression [95% CI]"]
-    val_acc, on_test = ev.val_accuracy, strongest_naive(base)
+    val_acc = ev.val_accuracy
+    on_test = max((n for n, b in BASELINES.items() if not b.learned),
+                  key=lambda n: base[n].accuracy)
     chosen = ("Model selection uses validation accuracy (mean over seeds): "
               + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in val_acc.items())
               + f" → **{ev.chosen.upper()}**." if len(val_acc) > 1
@@ -1379,20 +1359,13 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}{path.suffix}.tmp")  # one writer a process
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
         WRITTEN.append(path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomically(path, text):
@@ -1448,9 +1421,7 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    # That mode also fills every new tensor with NaN, which only matters to a kernel reading
-    # memory it never wrote (the tests' reruns would differ); it costs the LSTM step up to
-    # 1.2x on the CPU (bench/bench_fill_memory.py).
+    # Its NaN fill of new tensors only matters to kernels reading unwritten memory; it is slow.
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
     # --------------------------------------------------------------------------------------
