@@ -101,8 +101,7 @@ class Config:
     """Every setting of a run, built once by `build_config`; presets replace the defaults."""
     data: Path = setting(Path("data/covid_19.csv"), "cumulative cases CSV", type=Path)
     out: Path = setting(Path("figures/rnn_covid"), "output folder", type=Path)
-    topojson_dir: Path = setting(Path("data/topojson"), "map shapes (none: plotly's CDN)",
-                                 type=Path)
+    topojson_dir: Path = setting(Path("data/topojson"), "map shapes (none: CDN)", type=Path)
     start: str = setting(None, "first day to use (none: the file's)", type=DATE)
     end: str = setting(None, "last day to use (none: the file's)", type=DATE)
     threshold: float = setting(0.9, "C: countries with Pearson r above this", type=checked(
@@ -248,14 +247,6 @@ def daily_differences(cum, start=None, end=None):
     negatives = [{"country": c, "date": str(d.date()), "value": float(v)}
                  for (c, d), v in stacked[stacked < 0].items()]
     return diffs.clip(lower=0), negatives
-
-
-def load_daily_cases(cfg):
-    cum, layout = load_cumulative(cfg.data)
-    d, negatives = daily_differences(cum, cfg.start, cfg.end)
-    log.info("%s (%s): %d countries x %d days, %d negative days clipped", cfg.data, layout,
-             *d.shape, len(negatives))
-    return d, layout, negatives
 
 
 def countries_of_C(d, threshold):
@@ -514,9 +505,9 @@ def train_all(datasets, cfg, device, meanwhile):
         meanwhile()
         return {job: train_run(datasets, cfg, job, device, progress=True) for job in jobs}, 1
     order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))  # longest first
+    _WORKER.update(datasets=datasets, cfg=cfg, device=device)
     # Ctrl-C or SIGTERM while the workers are forked would raise inside an at-fork hook, where
     # Python prints the exception and carries on: hold them until the pool stands.
-    _WORKER.update(datasets=datasets, cfg=cfg, device=device)
     held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
         pool = multiprocessing.get_context("fork").Pool(workers, _start_worker)
@@ -666,8 +657,7 @@ def summarise(trainings):
     groups = {}
     for t in trainings:
         groups.setdefault((t.model, t.L), []).append(t.scores["test"])
-    return [Summary(model, L, len(ss), *(spread([getattr(s, n) for s in ss])
-                                         for n in METRIC_NAMES))
+    return [Summary(model, L, len(ss), *(spread([getattr(s, n) for s in ss]) for n in METRIC_NAMES))
             for (model, L), ss in groups.items()]
 
 
@@ -781,14 +771,12 @@ def evaluate(trained, datasets, cfg):
     correct = {c: np.mean([(t.probs["test"] > 0.5) == (y > 0.5)
                            for t in main_runs(trained, c, cfg)], axis=0) for c in cfg.models}
     refs = {n: (scores["test"][n] > 0.5) == (y > 0.5) for n in (naive, "logistic regression")}
-    gaps = {c: {n: boot.gap(correct[c] - ref) for n, ref in refs.items()}
-            for c in cfg.models}
+    gaps = {c: {n: boot.gap(correct[c] - ref) for n, ref in refs.items()} for c in cfg.models}
     v = gaps[chosen][naive].accuracy
     log.info("%s vs %s (strongest naive on validation): gap %+.3f, 95%% interval [%.3f, %.3f]: "
              "%s", chosen.upper(), naive, v.gap, *v.ci95, v.claim)
     runs = main_runs(trained, chosen, cfg)
-    mean_p = np.mean([t.probs["test"] for t in runs], axis=0)
-    ens = boot.gap((mean_p > 0.5) == (y > 0.5)).accuracy
+    ens = boot.gap((np.mean([t.probs["test"] for t in runs], axis=0) > 0.5) == (y > 0.5)).accuracy
     log.info("map model (%s averaged over %s): test accuracy %.3f, 95%% interval [%.3f, %.3f]",
              chosen.upper(), _n(len(runs), "seed"), ens.gap, *ens.ci95)
     summary = summarise([t for c in cfg.models for t in main_runs(trained, c, cfg)])
@@ -814,7 +802,10 @@ def run(argv=None):
     torch.set_num_threads(cfg.threads)
     # Each training seeds itself; this sets deterministic mode up once, before workers fork.
     seed_everything(cfg.seed)
-    d, layout, negatives = load_daily_cases(cfg)
+    cum, layout = load_cumulative(cfg.data)
+    d, negatives = daily_differences(cum, cfg.start, cfg.end)
+    log.info("%s (%s): %d countries x %d days, %d negative days clipped", cfg.data, layout,
+             *d.shape, len(negatives))
     corr, zero_var, C = countries_of_C(d, cfg.threshold)
     datasets = build_datasets(d, C, cfg)
     check_writable(cfg.out)
@@ -876,8 +867,7 @@ def data_summary(d, layout, negatives, zero_var, C, ds):
                for t in (index[n["date"]], index[n["date"]] + 1) if t in split_of]
     return DataSummary(
         layout, int(d.shape[0]), int(d.shape[1]), str(dates[0].date()), str(dates[-1].date()),
-        negatives, touched, zero_var, C, ds.dropped,
-        str(dates[ds.label_days("train")[-1]].date()),
+        negatives, touched, zero_var, C, ds.dropped, str(dates[ds.label_days("train")[-1]].date()),
         [f"{n['country']} {n['date']}" for n in negatives
          if pd.Timestamp(n["date"]) > dates[-1 - ds.L]],
         {k: {"windows": int(len(y)), "label_days": int(ds.masks[k].sum()),
@@ -971,20 +961,16 @@ def plot_sweep(sweep, out):
 # ======================================================================================
 # P(rise tomorrow) per country as a plotly choropleth (HTML offline with the local topojson
 # shapes; PNG by kaleido) and a CSV. Names -> ISO-3 by pycountry and a table of exceptions.
-NON_COUNTRIES = frozenset({  # data rows that are not countries: off the map, named in the report
-    "Diamond Princess", "MS Zaandam",  # cruise ships
-    "Summer Olympics 2020", "Winter Olympics 2022",  # JHU rows for the Games
-})
+# Data rows that are not countries (cruise ships, JHU's rows for the Games): off the map.
+NON_COUNTRIES = {"Diamond Princess", "MS Zaandam", "Summer Olympics 2020", "Winter Olympics 2022"}
 
 # Names (either file's spelling) that pycountry misses or would get wrong. Kosovo has no
 # ISO 3166 code; XKX is the user-assigned code the EU, IMF and World Bank use.
 ISO3_OVERRIDES = {
-    "US": "USA", "Korea South": "KOR", "Korea, South": "KOR", "Korea, North": "PRK",
-    "Taiwan*": "TWN", "Taiwan": "TWN", "Burma": "MMR", "Congo (Brazzaville)": "COG",
-    "Congo (Kinshasa)": "COD", "Cote d'Ivoire": "CIV", "Holy See": "VAT",
-    "West Bank and Gaza": "PSE", "Kosovo": "XKX", "Micronesia": "FSM", "Russia": "RUS",
-    "Brunei": "BRN", "Turkey": "TUR",
-}
+    "US": "USA", "Korea South": "KOR", "Korea, South": "KOR", "Korea, North": "PRK", "Burma": "MMR",
+    "Taiwan*": "TWN", "Taiwan": "TWN", "Congo (Brazzaville)": "COG", "Congo (Kinshasa)": "COD",
+    "Cote d'Ivoire": "CIV", "Holy See": "VAT", "West Bank and Gaza": "PSE", "Kosovo": "XKX",
+    "Micronesia": "FSM", "Russia": "RUS", "Brunei": "BRN", "Turkey": "TUR"}
 
 MAP_RESOLUTION = 50  # Natural Earth 1:50m shapes: small states (Andorra, Holy See, ...) are drawn
 
@@ -1066,8 +1052,8 @@ def world_map_figure(table, title, caption):
         showcountries=True, countrycolor="#999999", countrywidth=0.3,
         showland=True, landcolor="#c8c8c8", showocean=False, showlakes=False)
     return fig.update_layout(
-        title=dict(text=title, x=0.5, xanchor="center"),
-        margin=dict(l=10, r=10, t=60, b=10), paper_bgcolor="white", plot_bgcolor="white",
+        title=dict(text=title, x=0.5, xanchor="center"), margin=dict(l=10, r=10, t=60, b=10),
+        paper_bgcolor="white", plot_bgcolor="white",
         annotations=[dict(text=caption, x=0.01, y=0.01, xref="paper", yref="paper", xanchor="left",
                           yanchor="bottom", showarrow=False, font=dict(size=12, color="#555555"))])
 
@@ -1307,12 +1293,11 @@ def report_map(o):
     cfg, wm, mm, data = o.config, o.map, o.evaluation.map_model, o.data
     png = "`world_map.png`" if wm.png else f"skipped ({wm.png_skipped_reason})"
     return ["## World map", "",
-            f"P(rise tomorrow) from each country's last {cfg.L} days by "
-            f"{mm.model.upper()}, probabilities averaged over "
-            f"{_n(len(mm.per_seed_accuracy), 'seed')}, for {wm.countries_mapped} of "
-            f"{wm.countries_total} data rows. On the test windows it scores {_fmt(mm.accuracy)},"
-            f" 95% interval [{_fmt(mm.ci95[0])}, {_fmt(mm.ci95[1])}] (each seed: "
-            f"{', '.join(_fmt(a) for a in mm.per_seed_accuracy)}).",
+            f"P(rise tomorrow) from each country's last {cfg.L} days by {mm.model.upper()}, "
+            f"probabilities averaged over {_n(len(mm.per_seed_accuracy), 'seed')}, for "
+            f"{wm.countries_mapped} of {wm.countries_total} data rows. On the test windows it "
+            f"scores {_fmt(mm.accuracy)}, 95% interval [{_fmt(mm.ci95[0])}, {_fmt(mm.ci95[1])}] "
+            f"(each seed: {', '.join(_fmt(a) for a in mm.per_seed_accuracy)}).",
             f"- Trained on the {len(data.C)} countries of C (outlined), label days up to "
             f"{data.last_training_label_day}. Faded: the last {cfg.L} days average under "
             f"{cfg.min_mean} new cases a day.",
