@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# Spinning OpenMP threads make torch many times slower whenever another process shares the
-# CPU. libgomp reads this once, when torch loads, so it is set before the import below.
+# Spinning OpenMP threads slow training badly on a shared CPU; libgomp reads this when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import matplotlib.pyplot as plt
@@ -49,16 +48,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-# ======================================================================================
-# Config
-# ======================================================================================
+# ==== Config ==========================================================================
 MODELS = ("rnn", "lstm", "gru")
 LABEL_RULE = "tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)"
-
-
-def rises(today, yesterday):
-    """The label: 1 where today's new cases exceed yesterday's (LABEL_RULE)."""
-    return today > yesterday
+BOOTSTRAP_RESAMPLES = 10_000  # of the day bootstrap behind every interval
 
 
 # Batch, steps and weight decay when not given, by data size (bench/grid_rnn_covid.py, docs).
@@ -127,7 +120,6 @@ class Config:
     sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths to sweep, e.g. 3,5 (empty: none)",
                              type=lambda t: tuple(POSITIVE(x) for x in t.split(",") if x.strip()))
     sweep_seeds: int = setting(3, "seeds per sweep point (not given: --seeds)", type=POSITIVE)
-    log_every: int = setting(0, "log accuracies every N steps (0: never)", type=NON_NEGATIVE)
     device: str = setting("auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
     threads: int = setting(1, "torch CPU threads with --jobs 1", type=POSITIVE)
     jobs: int = setting(len(os.sched_getaffinity(0)), "trainings at once in CPU worker "
@@ -142,7 +134,7 @@ PRESETS = {
     # not in the report; it gets LSTM's budget), the last step kept, one run per model, no sweep.
     "report": dataclasses.replace(
         DEFAULT, preset="report", layers=2, hidden=510, lr=0.001, weight_decay=0.0,
-        steps=(("rnn", 1000), ("lstm", 500), ("gru", 500)), early_stop=False, log_every=100,
+        steps=(("rnn", 1000), ("lstm", 500), ("gru", 500)), early_stop=False,
         seeds=1, sweep_seeds=1, sweep_L=(), threads=min(2, os.cpu_count() or 1)),
 }
 
@@ -170,9 +162,7 @@ def build_config(argv=None):
         given["topojson_dir"] = None  # no local shapes: the map's HTML fetches plotly's
     return dataclasses.replace(preset, **given)
 
-# ======================================================================================
-# Data
-# ======================================================================================
+# ==== Data ============================================================================
 JHU_HEADER = ["Province/State", "Country/Region", "Lat", "Long"]
 
 
@@ -273,8 +263,8 @@ def make_windows(series, L):
 
 
 def make_labels(d, L):
-    """(n, T-L) labels of label days t = L..T-1."""
-    return rises(d[:, L:], d[:, L - 1:-1])
+    """(n, T-L) labels of label days t = L..T-1, by LABEL_RULE (the one place it is coded)."""
+    return d[:, L:] > d[:, L - 1:-1]
 
 
 def split_masks(T, L, test_days, val_days):
@@ -334,9 +324,7 @@ def build_datasets(d, countries_C, cfg):
              ", ".join(f"{k} {len(y)}" for k, (X, y) in datasets[cfg.L].sets.items()))
     return datasets
 
-# ======================================================================================
-# Model
-# ======================================================================================
+# ==== Model ===========================================================================
 
 
 class RiseClassifier(torch.nn.Module):
@@ -352,10 +340,10 @@ class RiseClassifier(torch.nn.Module):
         out, _ = self.rnn(x)
         return self.head(out[:, -1]).squeeze(-1)
 
-# ======================================================================================
-# Training
-# ======================================================================================
+# ==== Training ========================================================================
 BCE = torch.nn.functional.binary_cross_entropy_with_logits
+_WORKER = {}  # datasets, config and device, set before the workers fork
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -440,8 +428,6 @@ def train_model(cell, ds, cfg, seed, device, plan, progress=False):
             best = torch.where(better, rows[-1][2], best)
             for k, v in model.state_dict().items():
                 kept[k].copy_(torch.where(better, v, kept[k]))
-        if cfg.log_every and step // cfg.log_every > done // cfg.log_every:
-            log.info("%s step %5d  train acc %.3f  test acc %.3f", desc, step, *rows[-1][[1, 5]])
         done = step
     names = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
     curves = dict(zip(names, (steps, *map(list, zip(*torch.stack(rows).tolist())))))
@@ -511,19 +497,13 @@ def train_all(datasets, cfg, device, meanwhile):
     held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
         pool = multiprocessing.get_context("fork").Pool(workers, _start_worker)
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        raise
-    with pool:
+    finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held signal lands here
+    with pool:
         pending = pool.map_async(_worker_train, order, chunksize=1)
         meanwhile()
         results = dict(zip(order, pending.get()))
     return {job: results[job] for job in jobs}, workers
-
-
-_WORKER = {}  # datasets, config and device, set before the workers fork
-INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _start_worker():
@@ -548,9 +528,7 @@ def choose_model(trained, cfg):
              ", ".join(f"{c} {a:.3f}" for c, a in val_acc.items()), chosen)
     return chosen, val_acc
 
-# ======================================================================================
-# Baselines and metrics
-# ======================================================================================
+# ==== Baselines and metrics ===========================================================
 
 
 @dataclass(frozen=True)
@@ -586,7 +564,7 @@ def label_days_before(ds, split, lag):
     t = ds.label_days(split) - lag
     ok = t >= 1
     out = np.zeros((ds.dC.shape[0], len(t)), dtype=int)
-    out[:, ok] = rises(ds.dC[:, t[ok]], ds.dC[:, t[ok] - 1])
+    out[:, ok] = make_labels(ds.dC, 1)[:, t[ok] - 1]  # label days 1..T-1
     return out.ravel()
 
 
@@ -674,9 +652,6 @@ def sweep_results(trained, datasets, cfg):
     return Sweep(summarise(runs), {L: {n: m.accuracy for n, m in
                                        evaluate_baselines(datasets[L]).items()}
                                    for L in cfg.sweep_L})
-
-
-BOOTSTRAP_RESAMPLES = 10_000
 
 
 class DayBootstrap:
@@ -777,8 +752,6 @@ def evaluate(trained, datasets, cfg):
              "%s", chosen.upper(), naive, v.gap, *v.ci95, v.claim)
     runs = main_runs(trained, chosen, cfg)
     ens = boot.gap((np.mean([t.probs["test"] for t in runs], axis=0) > 0.5) == (y > 0.5)).accuracy
-    log.info("map model (%s averaged over %s): test accuracy %.3f, 95%% interval [%.3f, %.3f]",
-             chosen.upper(), _n(len(runs), "seed"), ens.gap, *ens.ci95)
     summary = summarise([t for c in cfg.models for t in main_runs(trained, c, cfg)])
     per_day = {k: [round(float(v), 6) for v in c.reshape(-1, boot.n_days).sum(axis=0)]
                for k, c in ((chosen, correct[chosen]), (naive, refs[naive]))}
@@ -788,9 +761,7 @@ def evaluate(trained, datasets, cfg):
         f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
         MapModel(chosen, ens.gap, ens.ci95, [t.scores["test"].accuracy for t in runs]))
 
-# ======================================================================================
-# The run: every step of the method, in order
-# ======================================================================================
+# ==== The run: every step of the method, in order =====================================
 
 
 def run(argv=None):
@@ -897,9 +868,7 @@ def write_outputs(o):
                           json.dumps(record, indent=2, default=str) + "\n")
     log.info("wrote %s (total %.0f s)", o.config.out, o.timing["total_s"])
 
-# ======================================================================================
-# Appendix A: figures
-# ======================================================================================
+# ==== Appendix A: figures =============================================================
 
 
 def plot_correlations(corr_first10, corr_C, out):
@@ -956,11 +925,8 @@ def plot_sweep(sweep, out):
     ax.legend(fontsize=8, loc="best")
     save_figure_atomically(fig, out / "L_sweep.png")
 
-# ======================================================================================
-# Appendix B: world map
-# ======================================================================================
-# P(rise tomorrow) per country as a plotly choropleth (HTML offline with the local topojson
-# shapes; PNG by kaleido) and a CSV. Names -> ISO-3 by pycountry and a table of exceptions.
+# ==== Appendix B: world map ===========================================================
+# P(rise tomorrow) per country: a plotly choropleth (HTML, offline shapes; PNG by kaleido), a CSV.
 # Data rows that are not countries (cruise ships, JHU's rows for the Games): off the map.
 NON_COUNTRIES = {"Diamond Princess", "MS Zaandam", "Summer Olympics 2020", "Winter Olympics 2022"}
 
@@ -1133,9 +1099,7 @@ def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
                            if ids and c not in ids),
                     None if reason else str(out_dir / "world_map.png"), reason)
 
-# ======================================================================================
-# Appendix C: report
-# ======================================================================================
+# ==== Appendix C: report ==============================================================
 
 
 def _fmt(v, digits=3):
@@ -1226,12 +1190,11 @@ def report_results(o):
               "–", "–"] for name, r in base.items()]
     header = ["method", "accuracy", "balanced acc.", "ROC AUC", "F1 (rise)",
               f"gap to {naive} [95% CI]", "gap to logistic regression [95% CI]"]
-    val_acc = ev.val_accuracy
     on_test = max((n for n, b in BASELINES.items() if not b.learned),
                   key=lambda n: base[n].accuracy)
     chosen = ("Model selection uses validation accuracy (mean over seeds): "
-              + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in val_acc.items())
-              + f" → **{ev.chosen.upper()}**." if len(val_acc) > 1
+              + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in ev.val_accuracy.items())
+              + f" → **{ev.chosen.upper()}**." if len(ev.val_accuracy) > 1
               else "One model trained: nothing was chosen.")
     also = (f" On test {on_test} scores higher ({_fmt(base[on_test].accuracy)})."
             if on_test != naive else "")
@@ -1326,11 +1289,9 @@ def build_report(o):
     return "\n".join(header + [line for section in sections for line in section(o)] + figures)
 
 
-# ======================================================================================
-# Appendix: plumbing shared by rnn_covid.py and vae_anime.py
+# ==== Appendix: plumbing shared by rnn_covid.py and vae_anime.py ======================
 # Identical, byte for byte, in both scripts (tests/test_shared_plumbing.py compares them):
 # the price of two standalone files. Change it in both or in neither.
-# ======================================================================================
 log = logging.getLogger(Path(__file__).stem)
 WRITTEN = []  # every file this process has put in place, so an interrupted run can say what
 
@@ -1419,8 +1380,7 @@ def setup_logging():
 
 
 def exit_code(run, *args):
-    """Run the script's steps; bad input -> one line and exit 2; Ctrl-C -> exit 130,
-    naming truthfully what had already been written."""
+    """Run the steps; bad input: one line, exit 2; Ctrl-C: exit 130, naming what was written."""
     setup_logging()
     try:
         with logging_redirect_tqdm():
@@ -1433,9 +1393,7 @@ def exit_code(run, *args):
                 if WRITTEN else "nothing was written")
         print(f"interrupted: {done}; rerun to finish", file=sys.stderr)
         return 130
-# ======================================================================================
-# End of shared plumbing
-# ======================================================================================
+# ==== End of shared plumbing ==========================================================
 
 
 if __name__ == "__main__":

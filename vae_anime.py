@@ -62,9 +62,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-# ======================================================================================
-# Config
-# ======================================================================================
+# ==== Config ==========================================================================
 
 
 def setting(default, doc, **flag):
@@ -197,9 +195,7 @@ def parse_args(argv=None):
     return cfg
 
 
-# ======================================================================================
-# Data: decode once into a cached uint8 tensor, split by seed
-# ======================================================================================
+# ==== Data: decode once into a cached uint8 tensor, split by seed =====================
 
 
 def list_image_files(data_dir):
@@ -388,9 +384,7 @@ def name_some(names, limit=5):
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-# ======================================================================================
-# Model and loss
-# ======================================================================================
+# ==== Model and loss ==================================================================
 
 
 def seed_layer(kind, c_in, c_out, side):
@@ -501,9 +495,7 @@ def kl_per_dimension(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
 
 
-# ======================================================================================
-# Training
-# ======================================================================================
+# ==== Training ========================================================================
 
 
 @dataclass(frozen=True)
@@ -688,9 +680,7 @@ def refuse_non_finite(t, train_stats, test_stats, ckpt_path):
                     f"nothing of this epoch was saved, {kept}")
 
 
-# ======================================================================================
-# Evaluation and pictures
-# ======================================================================================
+# ==== Evaluation and pictures =========================================================
 
 
 @torch.no_grad()
@@ -894,9 +884,7 @@ def finish_run(t, test, data, out):
             "history": t.history}, pictures
 
 
-# ======================================================================================
-# Main: the steps of a run
-# ======================================================================================
+# ==== Main: the steps of a run ========================================================
 
 
 def main(argv=None):
@@ -997,17 +985,14 @@ def summarise(x):
     return x
 
 
-# ======================================================================================
-# Appendix A: figures
-# ======================================================================================
+# ==== Appendix A: figures =============================================================
 
 
-def show_grid(ax, images, nrow, title=None):
+def show_grid(ax, images, nrow, title):
     grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=1, pad_value=1)  # white gutters
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10)
 
 
 def plot_grid(images, nrow, title, figsize, path):
@@ -1022,15 +1007,14 @@ def plot_learning_curve(history, kl_weight, path, dims=None):
     scale = 1 / (dims * math.log(2)) if dims else 1
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"),
-                              (f"negative ELBO (λ = 1), {unit}", f"distortion (recon), {unit}",
-                               f"rate KL(q(z|x) ‖ N(0, I)), {unit}")):
+                              ("negative ELBO (λ = 1)", "distortion (recon)",
+                               "rate KL(q(z|x) ‖ N(0, I))")):
         ax.plot(epochs, [h["train"][key] * scale for h in history], "o-", label="train")
         ax.plot(epochs, [h["test"][key] * scale for h in history], "s--", label="test")
         if key == "neg_elbo" and kl_weight != 1:
             ax.plot(epochs, [h["test"]["objective"] * scale for h in history], ":", color="grey",
                     label=f"test objective (λ = {weight_tag(kl_weight)})")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set(title=f"{title}, {unit}", xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Learning curve, λ = {weight_tag(kl_weight)} "
@@ -1045,10 +1029,9 @@ def plot_per_dimension(values, threshold, title, axis, path):
     ax.bar(np.arange(len(values)), np.maximum(values, 1e-5), width=1.0,
            color=np.where(values > threshold, "tab:blue", "tab:grey"))
     ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold}")
-    ax.set(yscale="log", xlabel="latent dimension, sorted")
-    ax.set_ylabel(f"{axis}\n(below 1e-5 drawn at 1e-5)", fontsize=9)
-    ax.set_title(f"{title}, {int((values > threshold).sum())}/{len(values)} above the threshold",
-                 fontsize=10)
+    ax.set(yscale="log", xlabel="latent dimension, sorted",
+           ylabel=f"{axis}\n(below 1e-5 drawn at 1e-5)",
+           title=f"{title}, {int((values > threshold).sum())}/{len(values)} above the threshold")
     ax.legend(fontsize=8)
     save_figure_atomically(fig, path)
 
@@ -1118,26 +1101,16 @@ def plot_rate_distortion(y, path):
     save_figure_atomically(fig, path)
 
 
-# ======================================================================================
-# Appendix B: the report (its long explanations are in docs/vae_anime.md)
-# ======================================================================================
+# ==== Appendix B: the report (its long explanations are in docs/vae_anime.md) =========
 
 
 def fmt(x, digits=1):
-    return f"{x:,.{digits}f}"
+    return "–" if x is None else f"{x:,.{digits}f}"
 
 
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def layer_label(layer):
-    """A layer's name with what the report needs from it: kernel and stride, activation slope."""
-    label = type(layer).__name__
-    if hasattr(layer, "kernel_size"):
-        label += f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/{layer.stride[0]}"
-    return label + (f" {layer.negative_slope:g}" if isinstance(layer, nn.LeakyReLU) else "")
 
 
 def architecture_table(model, image_size):
@@ -1146,9 +1119,13 @@ def architecture_table(model, image_size):
 
     def walk(layers, x, prefix):
         for layer in layers:
-            x = layer(x)
+            x, name = layer(x), type(layer).__name__
+            if hasattr(layer, "kernel_size"):
+                name += f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/{layer.stride[0]}"
+            if isinstance(layer, nn.LeakyReLU):
+                name += f" {layer.negative_slope:g}"
             if not isinstance(layer, nn.Flatten):
-                rows.append((f"{prefix}{layer_label(layer)}", tuple(x.shape[1:]),
+                rows.append((prefix + name, tuple(x.shape[1:]),
                              sum(p.numel() for p in layer.parameters())))
         return x
 
@@ -1160,73 +1137,60 @@ def architecture_table(model, image_size):
         out = walk(model.decoder, z, "dec ")
         walk([model.output], out[:, :3], "dec means: ")
         if out.shape[1] > 3:
-            per = "sub-pixel" if model.likelihood == "logistic-pixel" else "colour channel"
-            rows.append((f"dec log scales: channels 4-6, one per {per}, for the likelihood "
+            rows.append(("dec log scales: channels 4-6, one per sub-pixel, for the likelihood "
                          "(not in the seed)", (3, *out.shape[2:]), 0))
     return rows
 
 
 def build_report(metrics, model, out):
-    cfg, timing, data = metrics["config"], metrics["timing"], metrics["data"]
-    size, weights = cfg["image_size"], ", ".join(weight_tag(r["kl_weight"])
-                                                 for r in metrics["runs"])
-    skipped = (f"{len(data['skipped'])} unreadable files were skipped "
-               f"({name_some(data['skipped'])}). " if data["skipped"]
-               else "No file was unreadable. ")
-    upscaled = (f"{len(data['upscaled'])} images smaller than {size}px were upscaled. "
-                if data["upscaled"] else "")
-    return "\n".join([f"""# VAE on anime faces: the KL weight λ at {weights}
+    cfg, t, data = metrics["config"], metrics["timing"], metrics["data"]
+    size, runs = cfg["image_size"], metrics["runs"]
+    skipped = (f"{len(data['skipped'])} unreadable files skipped ({name_some(data['skipped'])})"
+               if data["skipped"] else "none unreadable")
+    upscaled = f", {len(data['upscaled'])} upscaled" if data["upscaled"] else ""
+    train_s = ", ".join(f"λ = {w} {fmt(s)} s" for w, s in t["train_s"].items())
+    return "\n".join([f"""# VAE on anime faces: the KL weight λ at \
+{', '.join(weight_tag(r['kl_weight']) for r in runs)}
 
 Generated by `vae_anime.py` from `metrics.json`; every number below is measured in this run
-({timing['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, \
-total {fmt(timing['total_s'] / 60)} min).
+({t['device']}, {cfg['epochs']} epochs per λ, seed {cfg['seed']}, total \
+{fmt(t['total_s'] / 60)} min: data {fmt(t['data_s'])} s, cache {t['cache']}; training \
+{train_s}; load average {t['load_before']} before, {t['load_after']} after, {t['cpus']} CPUs).
 
 ## Preprocessing
 
-{data['files_found']:,} image files in `{data['folder']}` (searched recursively);
-{data['images']:,} decoded. {skipped}{upscaled}Each is cropped to its central square,
-box-averaged to {size}×{size} RGB (transparency over white) and cached; split by seed {cfg['seed']}:
-{data['train']:,} training and {data['test']:,} test images.
+{data['images']:,} of {data['files_found']:,} image files in `{data['folder']}` decoded \
+({skipped}{upscaled}), each cropped to its central square, box-averaged to {size}×{size} RGB
+(transparency over white) and cached; split by seed {cfg['seed']}: {data['train']:,} training
+and {data['test']:,} test images.
 """, model_section(metrics, model), results_section(metrics),
-                      yardstick_section(metrics["yardstick"], timing, 3 * size * size),
-                      "## What the numbers say about the KL term\n\n" + discussion(metrics)
-                      + rate_distortion_lines(metrics["yardstick"], metrics["runs"]) + "\n",
-                      figures_section(metrics, out), timing_section(timing)])
+                      yardstick_section(metrics["yardstick"], t, 3 * size * size),
+                      kl_section(metrics), figures_section(runs, out)])
 
 
 def model_section(metrics, model):
-    cfg, anchors = metrics["config"], metrics["anchors"]
-    rows = architecture_table(model, cfg["image_size"])
+    cfg, rows = metrics["config"], architecture_table(model, metrics["config"]["image_size"])
     table = markdown_table(["layer", "output shape", "parameters"],
                            [(n, "×".join(map(str, s)), f"{p:,}") for n, s, p in rows])
     decay = f", × {cfg['lr_decay']} after each epoch" if cfg["lr_decay"] != 1 else ""
-    centre = ("" if all(m.kernel_size == (4, 4) for m in model.modules()
-                        if hasattr(m, "kernel_size")) else
-              " The 2×2 kernels are the seed's 4×4 / stride 2 ones where the side is 2 or 1: "
-              "only their centre taps ever meet the image.")
+    likelihood = (
+        "**Bernoulli** (binary cross-entropy), the assignment's convention; its minimum is the "
+        f"pixels' own binary entropy ({fmt(metrics['anchors']['recon_floor'])} nats/image here), "
+        "not 0" if cfg["likelihood"] == "bernoulli" else "a **discretized logistic** over the "
+        "256 levels of each sub-pixel (PixelCNN++) with a learned log scale per sub-pixel, so the "
+        "negative ELBO is a code length of the 8-bit images")
     return f"""## Model and loss
 
-Encoder, a Gaussian latent of {cfg['latent_dim']} dimensions and decoder, as traced through the
-model: {sum(p for _, _, p in rows):,} parameters.{centre}
+{sum(p for _, _, p in rows):,} parameters, as traced through the model; a 2×2/1 layer is the
+seed's 4×4/2 one on a 2×2 (or 1×1) side, where only its centre taps meet the image.
 
 {table}
 
 Loss per image: reconstruction summed over its values plus λ·KL(q(z|x) ‖ N(0, I)) summed over
-the latent dimensions, averaged over the batch. {likelihood_paragraph(cfg["likelihood"], anchors)}
-Fused Adam, learning rate {cfg['lr']}{decay}, batch {cfg['batch_size']}. Test numbers use one
-seeded posterior sample per image; MSE and reconstructions use the posterior mean.
+the latent dimensions, averaged over the batch. The likelihood is {likelihood}. Fused Adam,
+learning rate {cfg['lr']}{decay}, batch {cfg['batch_size']}. Test numbers use one seeded
+posterior sample per image; MSE and reconstructions use the posterior mean.
 """
-
-
-def likelihood_paragraph(likelihood, anchors):
-    if likelihood == "bernoulli":
-        return ("The likelihood is **Bernoulli** (binary cross-entropy), the assignment's "
-                "convention; its minimum is the pixels' own binary entropy "
-                f"({fmt(anchors['recon_floor'])} nats/image on this test set), not 0.")
-    scale = ("per sub-pixel" if likelihood == "logistic-pixel" else "per colour channel (σ-VAE)")
-    return f"""The likelihood is a **discretized logistic** over the 256
-levels of each sub-pixel (PixelCNN++) with a learned log scale {scale}, so the negative ELBO
-is a code length of the 8-bit images (docs/vae_anime.md)."""
 
 
 def results_section(metrics):
@@ -1262,12 +1226,10 @@ def yardstick_table(y):
     return markdown_table(["test images", "bits per dimension", "distortion", "rate"], rows)
 
 
-def verdict_phrase(v):
-    """rnn_covid.py's words: they follow the 95% interval of the gap, never the point alone."""
-    return {"beats": f"beats {v['baseline']}: the whole interval lies above 0",
-            "below": f"is below {v['baseline']}: the whole interval lies below 0",
-            "indistinguishable": f"cannot be told apart from {v['baseline']} with these data: "
-                                 "the interval includes 0"}[v["claim"]]
+VERDICTS = {"beats": "beats {}: the whole interval lies above 0",  # rnn_covid.py's words
+            "below": "is below {}: the whole interval lies below 0",
+            "indistinguishable": "cannot be told apart from {} with these data: the interval "
+                                 "includes 0"}
 
 
 def yardstick_section(y, timing, dims):
@@ -1276,10 +1238,11 @@ def yardstick_section(y, timing, dims):
                 "no probability to the 256 levels of a pixel, so its negative ELBO is not a "
                 "code length of the images.\n")
     v, iw = y["verdict"], y["iw"]
-    verdict = (f"**Verdict.** λ = 1's importance-weighted bound {verdict_phrase(v)}: gap "
-               f"{fmt(v['gap'], 3)} bits per dimension (baseline − VAE), 95% bootstrap interval "
-               f"[{fmt(v['ci95'][0], 3)}, {fmt(v['ci95'][1], 3)}] over the test images (the "
-               "strongest baseline is picked on test: that can only make the VAE look worse)."
+    verdict = (f"**Verdict.** λ = 1's importance-weighted bound "
+               f"{VERDICTS[v['claim']].format(v['baseline'])}: gap {fmt(v['gap'], 3)} bits per "
+               f"dimension (baseline − VAE), 95% bootstrap interval [{fmt(v['ci95'][0], 3)}, "
+               f"{fmt(v['ci95'][1], 3)}] over the test images (the strongest baseline is picked "
+               "on test: that can only make the VAE look worse)."
                if v else "No λ = 1 run, so no importance-weighted bound and no verdict.")
     bound = (f" λ = 1's importance-weighted bound (Burda et al. 2016) uses k = {iw['k']} samples "
              f"of q(z|x) per test image ({fmt(timing['iw_s'])} s)." if iw else "")
@@ -1297,23 +1260,42 @@ bounds the discrete likelihood (Theis et al. 2016). Codec bits are file sizes, h
 """
 
 
-def discussion(metrics):
-    """What each λ's pictures show (KL, active units and MSE are in the results table), and
-    sentences that follow from the numbers."""
-    runs = {r["kl_weight"]: r for r in metrics["runs"]}
-    rows = [(weight_tag(w), fmt(r["pictures"]["recon_sharpness"], 2),
-             fmt(r["pictures"]["sample_sharpness"], 2),
-             fmt(r["pictures"]["sample_mse_to_mean_image"], 4),
-             fmt(r["pictures"]["sample_pixel_std"], 3)) for w, r in runs.items()]
-    rows.append(("real test images", "1", "1", fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
-    table = markdown_table(["λ", "recon sharpness", "sample sharpness",
+def kl_section(metrics):
+    """Rate, distortion and what the pictures show for each λ, and what follows from them."""
+    runs, y = {r["kl_weight"]: r for r in metrics["runs"]}, metrics["yardstick"]
+    unit, scale = ("bpd", 1 / (3 * metrics["config"]["image_size"] ** 2 * math.log(2))) if y \
+        else ("nats", 1)
+    pictures = (("recon_sharpness", 2), ("sample_sharpness", 2), ("sample_mse_to_mean_image", 4),
+                ("sample_pixel_std", 3))
+    rows = [(weight_tag(w), fmt(r["test"]["kl"] * scale, 4), fmt(r["test"]["recon"] * scale, 3),
+             r["test"]["active_units"], *(fmt(r["pictures"][k], d) for k, d in pictures))
+            for w, r in runs.items()]
+    rows.append(("real test images", "", "", "", "1", "1",
+                 fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
+    table = markdown_table(["λ", f"rate ({unit})", f"distortion ({unit})", "active units",
+                            "recon sharpness", "sample sharpness",
                             "samples' MSE to the mean image", "samples' pixel std"], rows)
+    lines = kl_lines(runs, y)
+    return ("## What the numbers say about the KL term\n\n" + table + "\n\nSharpness: mean "
+            "neighbouring-pixel difference relative to the real test images (below 1: blurrier);"
+            " rate against distortion: `rate_distortion.png`.\n\n" + "\n".join(lines) + "\n")
+
+
+def kl_lines(runs, y):
+    """What follows from the numbers alone (docs/vae_anime.md reads the default run's)."""
     lines = [best_elbo_line(runs)]
-    lines += [strong_kl_line(w, r, metrics) for w, r in sorted(runs.items(), reverse=True)
-              if w > 1]
-    lines += [lambda_0_line(runs)] if 0.0 in runs else []
-    return (f"{table}\n\nSharpness: mean neighbouring-pixel difference relative to the real test "
-            "images (below 1: blurrier).\n\n" + "\n".join(lines))
+    if y and y["iw"]:
+        gauss, bound = y["baselines"]["Gaussian, full covariance"], y["iw"]["bpd"]
+        histogram = y["baselines"]["histogram per sub-pixel"]
+        lines.append(
+            "- With no rate z tells the decoder nothing: it is then one independent distribution "
+            f"per sub-pixel, like the histogram ({fmt(histogram, 3)})."
+            " Given z the decoder treats the sub-pixels as independent, so every correlation the "
+            "code does not carry is paid as independent noise in the distortion; a "
+            "full-covariance Gaussian models the correlations directly, at no rate: "
+            f"{fmt(gauss, 3)} bits per dimension against λ = 1's {fmt(bound, 3)}"
+            + (", fewer." if gauss < bound else ", more."))
+    return lines
 
 
 def best_elbo_line(runs):
@@ -1325,90 +1307,21 @@ def best_elbo_line(runs):
             f"{fmt(best['test']['neg_elbo'])} nats/image{why}")
 
 
-def strong_kl_line(w, r, metrics):
-    """λ > 1: has the posterior collapsed, and are the samples just the mean face?"""
-    latent, mean_mse = metrics["config"]["latent_dim"], metrics["anchors"]["mean_image_mse"]
-    t, active = r["test"], r["test"]["active_units"]
-    state = ("has collapsed onto the prior: no latent dimension is active" if active == 0
-             else "has largely collapsed" if active <= max(1, latent // 10)
-             else "has not collapsed")
-    mse = ("no better than the mean face" if t["mse"] >= 0.95 * mean_mse
-           else "better than the mean face")
-    samples = ("sit close to" if r["pictures"]["sample_mse_to_mean_image"] < 0.5 * mean_mse
-               else "are not just")
-    return (f"- λ = {weight_tag(w)}: the posterior {state}; its reconstructions are {mse}, and "
-            f"its samples {samples} the mean face.")
-
-
-def lambda_0_line(runs):
-    """λ = 0: does it reconstruct best, and what does dropping the KL term do to its samples?"""
-    r0 = runs[0.0]
-    lowest = all(r0["test"]["mse"] < r["test"]["mse"] for w, r in runs.items() if w != 0)
-    line = ("- λ = 0 (a plain autoencoder with noise): its test MSE is "
-            + ("the lowest of all runs." if lowest else "not the lowest of all runs."))
-    if 1.0 not in runs:
-        return line
-    s0, s1 = r0["pictures"], runs[1.0]["pictures"]
-    far = ("prior draws land far from the codes the decoder was trained on"
-           if r0["test"]["kl"] > 2 * runs[1.0]["test"]["kl"]
-           else "its codes are not much further from the prior than λ = 1's")
-    worse = [what for what, key in (("blurrier", "sample_sharpness"),
-                                    ("less varied", "sample_pixel_std")) if s0[key] < s1[key]]
-    return line + (f" Nothing pulls its posterior towards N(0, I), so {far}; its prior samples "
-                   f"are {' and '.join(worse) if worse else 'neither blurrier nor less varied'}"
-                   " than λ = 1's.")
-
-
-def rate_distortion_lines(y, runs):
-    """Rate and distortion of each λ, and what they say about a decoder that treats pixels as
-    independent given z."""
-    if y is None:
-        return ""
-    active = {weight_tag(r["kl_weight"]): r["test"]["active_units"] for r in runs}
-    table = markdown_table(["λ", "rate (bpd)", "distortion (bpd)", "active units"],
-                           [(tag, fmt(m["rate_bpd"], 4), fmt(m["distortion_bpd"], 3), active[tag])
-                            for tag, m in y["models"].items()])
-    histogram = fmt(y["baselines"]["histogram per sub-pixel"], 3)
-    lines = [f"\n\nRate and distortion (`rate_distortion.png`):\n\n{table}\n\n"
-             "With no rate z tells the decoder nothing: it is then one independent distribution "
-             f"per sub-pixel, like the histogram ({histogram})."]
-    if y["iw"]:
-        gauss, bound = y["baselines"]["Gaussian, full covariance"], y["iw"]["bpd"]
-        lines.append("Given z the decoder treats the sub-pixels as independent, so every "
-                     "correlation the code does not carry is paid as independent noise in the "
-                     "distortion; a full-covariance Gaussian models the correlations directly, at "
-                     f"no rate: {fmt(gauss, 3)} bits per dimension against λ = 1's {fmt(bound, 3)}"
-                     + (", fewer." if gauss < bound else ", more."))
-    return " ".join(lines)
-
-
-def figures_section(metrics, out):
+def figures_section(runs, out):
     lines = ["## Figures\n", "![the three λ side by side](lambda_comparison.png)\n",
              "Samples shown are the decoder's means (standard practice), not draws from p(x|z); "
              "so are the reconstructions.\n"]
     if (out / "rate_distortion.png").exists():
         lines.append("![rate and distortion of each λ](rate_distortion.png)\n")
-    for r in metrics["runs"]:
+    for r in runs:
         tag = weight_tag(r["kl_weight"])
-        lines.append(f"### λ = {tag}\n")
-        lines += [f"![λ = {tag} {name.replace('_', ' ')}]({path.name})\n"
-                  for name, path in figure_paths(out, r["kl_weight"]).items() if path.exists()]
+        lines += [f"### λ = {tag}\n", *(f"![λ = {tag} {name.replace('_', ' ')}]({path.name})\n"
+                                        for name, path in figure_paths(out, r["kl_weight"]).items()
+                                        if path.exists())]
     return "\n".join(lines)
 
 
-def timing_section(timing):
-    per_weight = ", ".join(f"λ = {w}: {fmt(s)} s" for w, s in timing["train_s"].items())
-    return f"""## Timing
-
-Data: {fmt(timing['data_s'])} s (cache {timing['cache']}). Training: {per_weight}.
-Load average before / after: {timing['load_before']} / {timing['load_after']} on \
-{timing['cpus']} CPUs.
-"""
-
-
-# ======================================================================================
-# Appendix C: this script's own plumbing (names, torchrun, signals)
-# ======================================================================================
+# ==== Appendix C: this script's own plumbing (names, torchrun, signals) ===============
 
 
 def weight_tag(kl_weight):
@@ -1499,11 +1412,9 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-# ======================================================================================
-# Appendix: plumbing shared by rnn_covid.py and vae_anime.py
+# ==== Appendix: plumbing shared by rnn_covid.py and vae_anime.py ======================
 # Identical, byte for byte, in both scripts (tests/test_shared_plumbing.py compares them):
 # the price of two standalone files. Change it in both or in neither.
-# ======================================================================================
 log = logging.getLogger(Path(__file__).stem)
 WRITTEN = []  # every file this process has put in place, so an interrupted run can say what
 
@@ -1517,20 +1428,13 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}{path.suffix}.tmp")  # one writer a process
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
         WRITTEN.append(path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomically(path, text):
@@ -1586,9 +1490,7 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    # That mode also fills every new tensor with NaN, which only matters to a kernel reading
-    # memory it never wrote (the tests' reruns would differ); it costs the LSTM step up to
-    # 1.2x on the CPU (bench/bench_fill_memory.py).
+    # Its NaN fill of new tensors only matters to kernels reading unwritten memory; it is slow.
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
     # --------------------------------------------------------------------------------------
@@ -1601,8 +1503,7 @@ def setup_logging():
 
 
 def exit_code(run, *args):
-    """Run the script's steps; bad input -> one line and exit 2; Ctrl-C -> exit 130,
-    naming truthfully what had already been written."""
+    """Run the steps; bad input: one line, exit 2; Ctrl-C: exit 130, naming what was written."""
     setup_logging()
     try:
         with logging_redirect_tqdm():
@@ -1615,9 +1516,7 @@ def exit_code(run, *args):
                 if WRITTEN else "nothing was written")
         print(f"interrupted: {done}; rerun to finish", file=sys.stderr)
         return 130
-# ======================================================================================
-# End of shared plumbing
-# ======================================================================================
+# ==== End of shared plumbing ==========================================================
 
 
 if __name__ == "__main__":

@@ -75,20 +75,13 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix + ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give the output the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}{path.suffix}.tmp")  # one writer a process
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
         WRITTEN.append(path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def copy_atomically(src, dst):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-START = "# Appendix: plumbing shared by rnn_covid.py and vae_anime.py"
-END = "# End of shared plumbing"
+START = "# ==== Appendix: plumbing shared by rnn_covid.py and vae_anime.py"
+END = "# ==== End of shared plumbing"
 
 
 def shared_block(script):
