@@ -82,16 +82,14 @@ def checked(kind, ok, must):
 
 
 POSITIVE_INT = checked(int, lambda v: v >= 1, "a positive integer")
-POSITIVE = checked(float, lambda v: v > 0, "a positive number")
 KL_WEIGHT = checked(float, lambda v: v >= 0, "a number >= 0")
 
 
 def kl_weight_list(text):
-    weights = [KL_WEIGHT(part) for part in text.split(",") if part.strip()]
+    weights = tuple(KL_WEIGHT(part) for part in text.split(",") if part.strip())
     if not weights or len(set(weights)) != len(weights):
-        raise argparse.ArgumentTypeError(f"give distinct KL weights separated by commas, "
-                                         f"got {text!r}")
-    return tuple(weights)
+        raise argparse.ArgumentTypeError(f"give distinct weights separated by commas, got {text}")
+    return weights
 
 
 @dataclass(frozen=True)
@@ -99,33 +97,31 @@ class Config:
     """Every setting of a run, built once from the command line by parse_args()."""
     data_dir: Path = setting(Path("data/anime_faces"), "folder of images, searched recursively",
                              type=Path)
-    out: Path = setting(Path("figures/vae_anime"), "output folder for everything", type=Path)
-    cache_dir: Path = setting(None, "folder of the decoded-image cache (none: OUT/cache)",
-                              type=Path)
-    image_size: int = setting(32, "side of the square images, a multiple of 32", type=POSITIVE_INT)
-    latent_dim: int = setting(128, "dimensions of the latent z", type=POSITIVE_INT)
-    kl_weights: tuple = setting((1.0, 100.0, 0.0), "comma-separated KL weights λ, one model each",
+    out: Path = setting(Path("figures/vae_anime"), "output folder", type=Path)
+    cache_dir: Path = setting(None, "decoded-image cache folder (none: OUT/cache)", type=Path)
+    image_size: int = setting(32, "image side, a multiple of 32", type=POSITIVE_INT)
+    latent_dim: int = setting(128, "dimensions of z", type=POSITIVE_INT)
+    kl_weights: tuple = setting((1.0, 100.0, 0.0), "KL weights λ, one model each",
                                 type=kl_weight_list)
-    epochs: int = setting(5, "passes over the training images per λ", type=POSITIVE_INT)
-    batch_size: int = setting(64, "images per optimisation step", type=POSITIVE_INT)
-    lr: float = setting(1e-3, "Adam learning rate of the first epoch", type=POSITIVE)
-    lr_decay: float = setting(1.0, "learning-rate factor after each epoch", type=POSITIVE)
-    test_fraction: float = setting(0.1, "share of the images held out as the test set",
+    epochs: int = setting(5, "epochs per λ", type=POSITIVE_INT)
+    batch_size: int = setting(64, "images per step", type=POSITIVE_INT)
+    lr: float = setting(1e-3, "Adam learning rate", type=checked(float, lambda v: v > 0, "> 0"))
+    lr_decay: float = setting(1.0, "learning-rate factor per epoch",
+                              type=checked(float, lambda v: v > 0, "> 0"))
+    test_fraction: float = setting(0.1, "share of images held out for test",
                                    type=checked(float, lambda v: 0 < v < 1, "between 0 and 1"))
-    seed: int = setting(0, "seed of the split, the initial weights and every noise draw",
+    seed: int = setting(0, "seed of the split, the weights and every noise draw",
                         type=checked(int, lambda v: 0 <= v < 2**31, "from 0 to 2**31 - 1"))
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda",
                           choices=("auto", "cpu", "cuda"))
-    amp: str = setting("auto", "bfloat16 autocast in training: auto (on GPUs with native "
-                               "bfloat16), on (also bare --amp) or off; evaluation is float32",
+    amp: str = setting("auto", "bfloat16 autocast in training (auto: GPUs with native bfloat16)",
                        choices=("auto", "on", "off"), nargs="?", const="on")
-    workers: int = setting(min(2, os.cpu_count() or 1), "processes decoding images into the cache",
+    workers: int = setting(min(2, os.cpu_count() or 1), "image-decoding processes",
                            type=POSITIVE_INT)
-    resume: bool = setting(False, "continue each λ from its checkpoint in OUT/checkpoints",
-                           action="store_true")
+    resume: bool = setting(False, "continue each λ from OUT/checkpoints", action="store_true")
     likelihood: str = setting("logistic-pixel", "p(x|z): discretized logistic with a log scale "
-                              "per sub-pixel or per channel, or bernoulli (no bits per dimension)",
-                              choices=("logistic-pixel", "logistic-channel", "bernoulli"))
+                              "per sub-pixel, or bernoulli (no bits per dimension)",
+                              choices=("logistic-pixel", "bernoulli"))
     # k = 50 costs about 10% of the default run on the 2-core CPU (docs/vae_anime.md).
     iw_samples: int = setting(50, "samples per test image of λ = 1's importance-weighted bound",
                               type=POSITIVE_INT)
@@ -203,14 +199,12 @@ def list_image_files(data_dir):
         fix = ("extract it and pass the folder" if data_dir.suffix.lower() in ARCHIVE_SUFFIXES
                else "pass the folder that holds it")
         raise UserError(f"--data-dir {data_dir} is a file, not a folder of images: {fix}")
-    if not data_dir.is_dir():
-        raise UserError(f"image folder {data_dir} does not exist: run `make data` "
-                        "(or pass --data-dir with a folder of images)")
     files = sorted(p for p in data_dir.rglob("*")
                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(data_dir).parts))
     if not files:
-        raise UserError(f"no .jpg/.jpeg/.png/.webp images in {data_dir}: run `make data` "
+        what = "has no .jpg/.jpeg/.png/.webp images" if data_dir.is_dir() else "does not exist"
+        raise UserError(f"image folder {data_dir} {what}: run `make data` "
                         "(or pass --data-dir with a folder of images)")
     return files
 
@@ -251,38 +245,23 @@ def read_square(path, size):
 
 
 def decode_chunk(paths, size):
-    """Some files -> (their readable images stacked: one tensor to pass back from a worker,
-    (readable, upscaled) for each file)."""
+    """Some files -> their readable images stacked, and (readable, upscaled) for each file."""
     results = [read_square(path, size) for path in paths]
     images = [image for image, _ in results if image is not None]
     stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return stacked, [(image is not None, small) for image, small in results]
 
 
-def start_decoder(worker_id):
+def ignore_signals(worker_id):
     # The parent ends the workers on Ctrl-C or SIGTERM; its handlers would print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def effective_workers(workers, n_files):
-    """Below ~2,000 files worker processes cost more than they save."""
-    return workers if n_files >= 2000 else 1
-
-
-def decode_images(files, size, workers):
-    """Every file decoded in chunks of 500, by `workers` processes when there are enough files.
-    Returns the readable images and (readable, upscaled) for each file."""
-    n = effective_workers(workers, len(files))
-    loader = torch.utils.data.DataLoader(files, batch_size=500, num_workers=0 if n == 1 else n,
-                                         collate_fn=functools.partial(decode_chunk, size=size),
-                                         worker_init_fn=start_decoder)
-    chunks = list(tqdm(loader, desc="decoding", leave=False, disable=None))
-    return torch.cat([c[0] for c in chunks]), [flags for c in chunks for flags in c[1]]
-
-
 def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
-    """All images as an N×3×size×size uint8 tensor, from the cache when its key still matches."""
+    """All images as an N×3×size×size uint8 tensor, from the cache when its key still matches;
+    decoded in chunks of 500, by `workers` processes from 2,000 files on (below, they cost more
+    than they save)."""
     files = list_image_files(data_dir)
     key, cache_path = file_list_key(files, data_dir, size), cache_dir / f"images_{size}px.pt"
     start = time.perf_counter()
@@ -291,7 +270,12 @@ def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
         if cached.get("key") == key:
             return cached["images"], dict(cached["info"], cache="hit",
                                           seconds=time.perf_counter() - start)
-    images, flags = decode_images(files, size, workers)
+    workers = workers if len(files) >= 2000 else 1
+    chunks = list(tqdm(torch.utils.data.DataLoader(
+        files, batch_size=500, num_workers=0 if workers == 1 else workers,
+        collate_fn=functools.partial(decode_chunk, size=size), worker_init_fn=ignore_signals),
+        desc="decoding", leave=False, disable=None))
+    images, flags = torch.cat([c[0] for c in chunks]), [f for c in chunks for f in c[1]]
     names = [str(p.relative_to(data_dir)) for p in files]
     if not len(images):
         raise UserError(f"none of the {len(files)} image files in {data_dir} could be decoded "
@@ -299,8 +283,7 @@ def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
     info = {"folder": str(data_dir), "files_found": len(files), "images": len(images),
             "skipped": [n for n, (ok, _) in zip(names, flags) if not ok],
             "upscaled": [n for n, (ok, small) in zip(names, flags) if ok and small],
-            "image_size": size, "key": key,
-            "decode_workers": effective_workers(workers, len(files))}
+            "image_size": size, "key": key, "decode_workers": workers}
     seconds = time.perf_counter() - start
     try:
         if write_cache:
@@ -319,10 +302,6 @@ def split_indices(n, fraction, seed):
                         "train/test split; add images to --data-dir")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_test:].sort().values, perm[:n_test]
-
-
-def to_float(batch_uint8):
-    return batch_uint8.float().div_(255)
 
 
 @dataclass(frozen=True)
@@ -346,27 +325,6 @@ def prepare_data(cfg, device, ranks):
                                write_cache=ranks.main)
     if ranks.main:
         barrier(ranks)
-    log_data(info)
-    images = images.to(device)                       # once; batches are sliced on the device
-    train_idx, test_idx = (i.to(device) for i in split_indices(len(images), cfg.test_fraction,
-                                                                 cfg.seed))
-    # Summed in float64 straight from uint8: no float copy of the whole training set.
-    mean_image = (images[train_idx].sum(0, dtype=torch.float64)
-                  / (255 * len(train_idx))).float().cpu()
-    test_cpu = to_float(images[test_idx]).cpu()
-    anchors = {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
-               "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
-               / len(test_cpu)}
-    return Data(images, train_idx, test_idx, info, to_float(images[test_idx[:N_FIXED_TEST]]),
-                mean_image, fixed_z(cfg.latent_dim, cfg.seed, device), anchors)
-
-
-def fixed_z(latent_dim, seed, device):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(N_SAMPLES, latent_dim, generator=generator).to(device)
-
-
-def log_data(info):
     source = ("from the cache" if info["cache"] == "hit" else
               f"decoded from {info['files_found']} files by {info['decode_workers']} processes")
     log.info(f"data: {info['images']} images of {info['image_size']}px {source} "
@@ -377,6 +335,19 @@ def log_data(info):
     if info["upscaled"]:
         log.warning(f"warning: {len(info['upscaled'])} images smaller than {info['image_size']}px "
                     f"were upscaled (blurry): {name_some(info['upscaled'])}")
+    images = images.to(device)                       # once; batches are sliced on the device
+    train_idx, test_idx = (i.to(device) for i in split_indices(len(images), cfg.test_fraction,
+                                                                 cfg.seed))
+    # Summed in float64 straight from uint8: no float copy of the whole training set.
+    mean_image = (images[train_idx].sum(0, dtype=torch.float64)
+                  / (255 * len(train_idx))).float().cpu()
+    test_cpu = images[test_idx].cpu().float() / 255
+    anchors = {"mean_image_mse": (test_cpu - mean_image).pow(2).mean().item(),
+               "recon_floor": F.binary_cross_entropy(test_cpu, test_cpu, reduction="sum").item()
+               / len(test_cpu)}
+    z = torch.randn(N_SAMPLES, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    return Data(images, train_idx, test_idx, info, images[test_idx[:N_FIXED_TEST]].float() / 255,
+                mean_image, z.to(device), anchors)
 
 
 def name_some(names, limit=5):
@@ -388,8 +359,7 @@ def name_some(names, limit=5):
 
 
 def seed_layer(kind, c_in, c_out, side):
-    """The seed's 4×4 / stride 2 / padding 1 layer (nn.Conv2d or nn.ConvTranspose2d) for a
-    side×side input."""
+    """The seed's 4×4 / stride 2 / padding 1 nn.Conv2d or nn.ConvTranspose2d on a side² input."""
     layer = kind(c_in, c_out, 4, stride=2, padding=1)
     if side != (2 if kind is nn.Conv2d else 1):
         return layer
@@ -422,21 +392,18 @@ class VAE(nn.Module):
         self.encoder = nn.Sequential(*down, nn.Flatten())
         flat = channels[-1] * sides[-1] ** 2
         self.to_moments = nn.Linear(flat, 2 * latent_dim)           # μ and log σ²
-        # After the 3 channels of means, the logistic's log scales: 3 more output channels (per
-        # sub-pixel) or 3 learned numbers shared by all pixels (per channel).
+        # The logistic's log scales are 3 more output channels after the 3 of means.
         outs = (*widths[::-1][1:-1], 6 if likelihood == "logistic-pixel" else 3)
         up = [m for c_in, c_out, side in zip(widths[::-1], outs, sides[::-1])
               for m in (seed_layer(nn.ConvTranspose2d, c_in, c_out, side), nn.LeakyReLU(0.2))]
         nn.init.constant_(up[-2].bias[3:], INITIAL_LOG_SCALE)
-        shared = [ChannelScale()] if likelihood == "logistic-channel" else []
         self.decoder = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2),
                                      nn.Unflatten(1, (channels[-1], sides[-1], sides[-1])),
-                                     *up[:-1], *shared)
+                                     *up[:-1])
         self.output = nn.Sigmoid()                                  # logits -> means in [0, 1]
 
     def encode(self, x):
-        mu, logvar = self.to_moments(self.encoder(x)).chunk(2, dim=1)
-        return mu, logvar
+        return self.to_moments(self.encoder(x)).chunk(2, dim=1)    # μ, log σ²
 
     def decode(self, z):
         return self.output(self.decoder(z)[:, :3])
@@ -447,21 +414,8 @@ class VAE(nn.Module):
         return self.decoder(z), mu, logvar
 
 
-class ChannelScale(nn.Module):
-    """Appends one learned log scale per colour channel, the same at every pixel (σ-VAE)."""
-
-    def __init__(self, channels=3):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.full((channels,), INITIAL_LOG_SCALE))
-
-    def forward(self, logits):
-        return torch.cat([logits, self.log_scale.to(logits.dtype)[:, None, None]
-                          .expand_as(logits)], dim=1)
-
-
 def loss_terms(out, x, mu, logvar, likelihood):
-    """Per-image reconstruction and KL in nats, each summed over its image's values or latent
-    dimensions; training minimises the batch mean of recon + λ·KL."""
+    """Per-image reconstruction and KL in nats; training minimises the batch mean of recon+λ·KL."""
     recon = reconstruction_nats(out.float(), x, likelihood)
     return recon, kl_per_dimension(mu.float(), logvar.float()).sum(1)
 
@@ -490,33 +444,24 @@ def discretized_logistic_log_prob(x, mean, log_scale):
 
 
 def kl_per_dimension(mu, logvar):
-    """KL(N(μ, σ²) ‖ N(0, 1)) of each latent dimension, in nats (closed form: Kingma & Welling
-    2014, appendix B)."""
+    """KL(N(μ, σ²) ‖ N(0, 1)) of each latent dimension in nats (Kingma & Welling 2014, app. B)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
 
 
 # ==== Training ========================================================================
 
+TRAINING_SETTINGS = ("seed", "image_size", "latent_dim", "batch_size", "lr", "lr_decay",
+                     "test_fraction", "likelihood")
+# What defines one λ's training: a checkpoint made with other settings is not resumed.
+RunSettings = dataclasses.make_dataclass("RunSettings", [
+    ("kl_weight", float), ("amp", bool), ("device", str),      # bfloat16 autocast; cpu or cuda
+    *((f.name, f.type) for f in dataclasses.fields(Config) if f.name in TRAINING_SETTINGS)],
+    frozen=True)
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What defines one λ's training; a checkpoint made with other settings is not resumed."""
-    kl_weight: float
-    seed: int
-    image_size: int
-    latent_dim: int
-    batch_size: int
-    lr: float
-    lr_decay: float
-    test_fraction: float
-    amp: bool                    # bfloat16 autocast in training
-    device: str                  # its type: cpu or cuda
-    likelihood: str
 
-    @classmethod
-    def of(cls, cfg, kl_weight, bf16, device):
-        return cls(kl_weight, cfg.seed, cfg.image_size, cfg.latent_dim, cfg.batch_size, cfg.lr,
-                   cfg.lr_decay, cfg.test_fraction, bf16, device.type, cfg.likelihood)
+def run_settings(cfg, kl_weight, bf16, device):
+    return RunSettings(kl_weight, bf16, device.type,
+                       **{name: getattr(cfg, name) for name in TRAINING_SETTINGS})
 
 
 @dataclass
@@ -537,12 +482,6 @@ class Training:
 PROGRESS = ("epoch", "history", "train_seconds")     # the Training fields a checkpoint keeps
 
 
-def epoch_order(n, seed, epoch):
-    """Each epoch's shuffle comes from (seed, epoch) alone, so a resumed run replays it exactly
-    and every torchrun rank draws the same order."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def use_bf16(amp, device):
     """--amp auto: bfloat16 on CUDA GPUs with native bfloat16 (emulated, as on a T4, is slow),
     float32 on the CPU (oneDNN's bfloat16 was slower there: docs/vae_anime.md)."""
@@ -551,22 +490,18 @@ def use_bf16(amp, device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def memory_format(device):
-    """channels_last lets cuDNN skip layout conversions; on the CPU it measured slower."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
 def new_training(settings, data_key, device, ranks):
     torch.manual_seed(settings.seed)            # the same initial weights for every λ
     model = VAE(settings.latent_dim, settings.image_size, likelihood=settings.likelihood)
-    model = model.to(device, memory_format=memory_format(device))
+    # channels_last lets cuDNN skip layout conversions; on the CPU it measured slower.
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda"
+                     else torch.contiguous_format)
     return Training(settings, data_key, model, data_parallel(model, device, ranks),
                     torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True),
                     torch.Generator(device=device).manual_seed(settings.seed + 1))
 
 
 def save_checkpoint(t, path):
-    """nanoGPT-style, at the end of an epoch: everything needed to continue."""
     save_torch_atomically({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
                            "settings": dataclasses.asdict(t.settings), "data_key": t.data_key,
                            "noise_rng": t.noise_gen.get_state(),
@@ -574,9 +509,8 @@ def save_checkpoint(t, path):
 
 
 def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
-    """A new training, or with --resume the one saved in the checkpoint, checked against the
-    current settings and data."""
-    settings = RunSettings.of(cfg, kl_weight, bf16, device)
+    """A new training, or with --resume the checkpoint's, checked against settings and data."""
+    settings = run_settings(cfg, kl_weight, bf16, device)
     path = checkpoint_path(cfg.out, kl_weight)
     t = new_training(settings, data_key, device, ranks)
     if not (cfg.resume and path.exists()):
@@ -609,11 +543,11 @@ def train(t, data, epochs, ranks, ckpt_path):
     while t.epoch < epochs:
         start = time.perf_counter()
         train_stats = train_epoch(t, data, ranks)
-        test = evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed, ranks)
-        refuse_non_finite(t, train_stats, test, ckpt_path)
+        test = scalars(evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed, ranks))
+        refuse_non_finite(t, train_stats | test, ckpt_path)
         seconds = time.perf_counter() - start
         t.epoch, t.train_seconds = t.epoch + 1, t.train_seconds + seconds
-        t.history.append({"epoch": t.epoch, "train": train_stats, "test": scalars(test)})
+        t.history.append({"epoch": t.epoch, "train": train_stats, "test": test})
         if ranks.main:
             save_checkpoint(t, ckpt_path)
         t.checkpointed = True
@@ -626,32 +560,32 @@ def train(t, data, epochs, ranks, ckpt_path):
 
 
 def train_epoch(t, data, ranks):
-    """One epoch. Every rank takes its share of each global batch; the sums stay on the device
-    and are read once, at the end."""
-    s, device = t.settings, data.images.device
+    """One epoch: every rank takes its share of each global batch; sums are read at the end."""
+    s = t.settings
     t.net.train()
     for group in t.optimizer.param_groups:      # the rate depends on the epoch alone
         group["lr"] = s.lr * s.lr_decay ** t.epoch
-    order = data.train_idx[epoch_order(len(data.train_idx), s.seed, t.epoch)]
-    sums = {name: torch.zeros((), dtype=torch.float64, device=device)
-            for name in ("objective", "recon", "kl")}
+    # The shuffle comes from (seed, epoch) alone: a resumed run and every rank draw the same.
+    shuffle = torch.Generator().manual_seed(s.seed * 100_003 + t.epoch)
+    order = data.train_idx[torch.randperm(len(data.train_idx), generator=shuffle)]
+    sums = torch.zeros(3, dtype=torch.float64, device=data.images.device)
     for batch in tqdm(order.split(s.batch_size), leave=False, disable=None if ranks.main else True,
                       desc=f"λ={weight_tag(s.kl_weight)} epoch {t.epoch + 1}"):
-        for name, value in train_step(t, data.images, batch, ranks).items():
-            sums[name] += value
-    totals = {name: sum_across(value, ranks).item() for name, value in sums.items()}
-    totals["neg_elbo"] = totals["recon"] + totals["kl"]
-    return {name: value / len(order) for name, value in totals.items()}
+        sums += train_step(t, data.images, batch, ranks)
+    (objective, recon, kl), n = sum_across(sums, ranks).tolist(), len(order)
+    return {"objective": objective / n, "recon": recon / n, "kl": kl / n,
+            "neg_elbo": (recon + kl) / n}
 
 
 def train_step(t, images, batch, ranks):
-    """One optimisation step on this rank's share of the global batch `batch` (image indices);
-    returns the share's summed objective, recon and KL on the device, without a host sync."""
+    """One step on this rank's share of the global batch `batch` (image indices); returns the
+    share's summed objective, recon and KL on the device, without a host sync."""
     s, device = t.settings, images.device
     noise = torch.randn((len(batch), s.latent_dim), generator=t.noise_gen, device=device)
-    x = to_float(images[batch[ranks.rank::ranks.world]])
+    x = images[batch[ranks.rank::ranks.world]].float() / 255
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.amp):
-        logits, mu, logvar = t.net(x.contiguous(memory_format=memory_format(device)),
+        logits, mu, logvar = t.net(x.contiguous(memory_format=layout),
                                    noise[ranks.rank::ranks.world])
     recon, kl = loss_terms(logits, x, mu, logvar, s.likelihood)
     objective = recon + s.kl_weight * kl
@@ -660,23 +594,19 @@ def train_step(t, images, batch, ranks):
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     t.optimizer.step()
-    return {name: value.detach().sum().double()
-            for name, value in (("objective", objective), ("recon", recon), ("kl", kl))}
+    return torch.stack([objective.sum(), recon.sum(), kl.sum()]).detach().double()
 
 
-def refuse_non_finite(t, train_stats, test_stats, ckpt_path):
+def refuse_non_finite(t, stats, ckpt_path):
     """A NaN or inf anywhere stops the run before it is saved; says what the checkpoint holds."""
-    bad = {k: v for k, v in (train_stats | scalars(test_stats)).items() if not math.isfinite(v)}
+    bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
     if not bad:
         return
-    if not ckpt_path.exists():
-        kept = "no checkpoint was written"
-    elif t.checkpointed:
-        kept = f"{ckpt_path} still holds the last good state (epoch {t.epoch})"
-    else:
-        kept = f"{ckpt_path}, from an earlier run, is left untouched"
+    kept = ("no checkpoint was written" if not ckpt_path.exists() else
+            f"{ckpt_path} still holds the last good state (epoch {t.epoch})" if t.checkpointed
+            else f"{ckpt_path}, from an earlier run, is left untouched")
     raise UserError(f"training diverged at λ={weight_tag(t.settings.kl_weight)} in epoch "
-                    f"{t.epoch + 1} (non-finite {', '.join(sorted(bad))}): lower --lr; "
+                    f"{t.epoch + 1} (non-finite {', '.join(bad)}): lower --lr; "
                     f"nothing of this epoch was saved, {kept}")
 
 
@@ -685,35 +615,33 @@ def refuse_non_finite(t, train_stats, test_stats, ckpt_path):
 
 @torch.no_grad()
 def evaluate(model, images, idx, kl_weight, seed, ranks=None, batch_size=512):
-    """In float32 with one seeded noise draw: objective, neg-ELBO (λ = 1), recon, KL, MSE of the
+    """In float32 with one seeded noise draw: objective, neg-ELBO, recon, KL, MSE of the
     posterior mean's reconstruction, KL per latent dimension and active units (Burda et al.
     2016); under torchrun each rank takes a share."""
     ranks = ranks or Ranks()
     model.eval()
     d, device = model.to_moments.out_features // 2, images.device
     noise_gen = torch.Generator(device=device).manual_seed(seed)
-    sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name, shape in
-            (("recon", ()), ("kl", ()), ("mse", ()), ("kl_per_dim", d), ("mu", d), ("mu_sq", d))}
+    totals = torch.zeros(3, dtype=torch.float64, device=device)        # recon, KL, MSE
+    per_dim = torch.zeros(3, d, dtype=torch.float64, device=device)    # KL, μ, μ²
     for start in range(0, len(idx), batch_size):
         chunk = idx[start:start + batch_size]
         noise = torch.randn((len(chunk), d), generator=noise_gen, device=device)
-        x, noise = to_float(images[chunk[ranks.rank::ranks.world]]), noise[ranks.rank::ranks.world]
+        share = slice(ranks.rank, None, ranks.world)
+        x, noise = images[chunk[share]].float() / 255, noise[share]
         with torch.autocast(device.type, enabled=False):
             mu, logvar = model.encode(x)
             z = mu + noise * torch.exp(0.5 * logvar)
             recon, kl = loss_terms(model.decoder(z), x, mu, logvar, model.likelihood)
             mse = (model.decode(mu) - x).pow(2).flatten(1).mean(1)
-        parts = {"recon": recon.sum(), "kl": kl.sum(), "mse": mse.sum(),
-                 "kl_per_dim": kl_per_dimension(mu, logvar).sum(0), "mu": mu.sum(0),
-                 "mu_sq": mu.pow(2).sum(0)}
-        for name, value in parts.items():
-            sums[name] += value.double()
-    mean = {name: sum_across(value, ranks) / len(idx) for name, value in sums.items()}
-    out = {name: mean[name].item() for name in ("recon", "kl", "mse")}
-    out["neg_elbo"] = out["recon"] + out["kl"]
-    out["objective"] = out["recon"] + kl_weight * out["kl"]
-    out["kl_per_dim"] = mean["kl_per_dim"].tolist()
-    out["mu_variance_per_dim"] = (mean["mu_sq"] - mean["mu"].pow(2)).clamp_min(0).tolist()
+        totals += torch.stack([recon.sum(), kl.sum(), mse.sum()]).double()
+        per_dim += torch.stack([kl_per_dimension(mu, logvar).sum(0), mu.sum(0),
+                                mu.pow(2).sum(0)]).double()
+    recon, kl, mse = (sum_across(totals, ranks) / len(idx)).tolist()
+    kl_dims, mu, mu_sq = sum_across(per_dim, ranks) / len(idx)
+    out = {"recon": recon, "kl": kl, "mse": mse, "neg_elbo": recon + kl,
+           "objective": recon + kl_weight * kl, "kl_per_dim": kl_dims.tolist()}
+    out["mu_variance_per_dim"] = (mu_sq - mu.pow(2)).clamp_min(0).tolist()
     out["active_units"] = sum(v > ACTIVE_UNIT_VARIANCE for v in out["mu_variance_per_dim"])
     out["kl_active_dims"] = sum(v > KL_ACTIVE_NATS for v in out["kl_per_dim"])
     return out
@@ -732,7 +660,7 @@ def importance_weighted_bits(model, images, idx, k, seed):
     gen = torch.Generator(device=images.device).manual_seed(seed)
     bits = []
     for chunk in idx.split(max(1, IW_DECODES // k)):
-        x = to_float(images[chunk])
+        x = images[chunk].float() / 255
         mu, logvar = model.encode(x)
         eps = torch.randn((k, *mu.shape), generator=gen, device=mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
@@ -858,7 +786,7 @@ def run_pictures(model, fixed_test, z):
 
 
 def edge_energy(x):
-    """Mean absolute difference between neighbouring pixels: a simple sharpness measure."""
+    """Sharpness: the mean absolute difference between neighbouring pixels."""
     return ((x.diff(dim=-2).abs().mean() + x.diff(dim=-1).abs().mean()).item()) / 2
 
 
@@ -892,7 +820,8 @@ def main(argv=None):
 
 
 def run(cfg):
-    with sigterm_as_interrupt(), process_group(cfg.device) as (ranks, device):
+    signal.signal(signal.SIGTERM, signal.default_int_handler)     # SIGTERM stops as Ctrl-C does
+    with process_group(cfg.device) as (ranks, device):
         started, load_before = time.perf_counter(), os.getloadavg()[0]
         matplotlib.use("Agg")                # figures go to files, even where a display exists
         bf16 = use_bf16(cfg.amp, device)
@@ -1354,19 +1283,18 @@ def cuda_device_for(local_rank, visible):
 
 @contextlib.contextmanager
 def process_group(device_name):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, gloo on the CPU)
-    and take this rank's GPU; otherwise a plain single process. Yields (ranks, device)."""
+    """Yields (ranks, device); under torchrun it joins the group (nccl on CUDA, else gloo)."""
     device = choose_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield Ranks(), device
         return
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         device = cuda_device_for(int(os.environ.get("LOCAL_RANK", "0")),
                                  torch.cuda.device_count())
         torch.cuda.set_device(device)
     # Rank 0 may decode a large --data-dir while the others wait at a barrier: a long timeout.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None,
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                             timeout=datetime.timedelta(hours=2))
     ranks = Ranks(dist.get_rank(), dist.get_world_size())
     if not ranks.main:
@@ -1397,19 +1325,6 @@ def sum_across(tensor, ranks):
 def barrier(ranks):
     if ranks.world > 1:
         dist.barrier()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM behaves like Ctrl-C (a KeyboardInterrupt) everywhere."""
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ==== Appendix: plumbing shared by rnn_covid.py and vae_anime.py ======================

@@ -77,7 +77,7 @@ class Contestant:
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             if self.order is None or self.position + self.batch_size > len(self.order):
-                self.order = train_idx[vae_anime.epoch_order(len(train_idx), 0, self.epoch)]
+                self.order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.epoch))]
                 self.epoch, self.position = self.epoch + 1, 0
             batch = self.order[self.position:self.position + self.batch_size]
             vae_anime.train_step(self.t, images, batch, SOLO)
@@ -186,7 +186,7 @@ def main():
                           "images": c.images,
                           "seconds": c.seconds, "neg_elbo": c.neg_elbo} for c in contestants]},
         indent=1) + "\n")
-    samples_figure(contestants, vae_anime.fixed_z(128, 0, torch.device("cpu")),
+    samples_figure(contestants, torch.randn(64, 128, generator=torch.Generator().manual_seed(0)),
                    args.out / "samples_side_by_side.png")
     print(f"wrote {args.out}/results.md, results.json, samples_side_by_side.png")
     return 0

@@ -26,10 +26,7 @@ def epoch_seconds(images, cfg, data_key):
     train_idx, test_idx = vae_anime.split_indices(len(images), cfg.test_fraction, cfg.seed)
     data = vae_anime.Data(images, train_idx, test_idx, {"key": data_key}, None, None, None, None)
     device = torch.device("cpu")
-    settings = vae_anime.RunSettings(1.0, cfg.seed, cfg.image_size, cfg.latent_dim,
-                                     cfg.batch_size, cfg.lr, cfg.lr_decay, cfg.test_fraction,
-                                     vae_anime.use_bf16(cfg.amp, device), device.type,
-                                     cfg.likelihood)
+    settings = vae_anime.run_settings(cfg, 1.0, vae_anime.use_bf16(cfg.amp, device), device)
     t = vae_anime.new_training(settings, data_key, device, vae_anime.Ranks())
     start = time.perf_counter()
     vae_anime.train_epoch(t, data, vae_anime.Ranks())
