@@ -490,12 +490,15 @@ def use_bf16(amp, device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def memory_format(device):
+    """channels_last lets cuDNN skip layout conversions; on the CPU it measured slower."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def new_training(settings, data_key, device, ranks):
     torch.manual_seed(settings.seed)            # the same initial weights for every λ
     model = VAE(settings.latent_dim, settings.image_size, likelihood=settings.likelihood)
-    # channels_last lets cuDNN skip layout conversions; on the CPU it measured slower.
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda"
-                     else torch.contiguous_format)
+    model = model.to(device, memory_format=memory_format(device))
     return Training(settings, data_key, model, data_parallel(model, device, ranks),
                     torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True),
                     torch.Generator(device=device).manual_seed(settings.seed + 1))
@@ -583,9 +586,8 @@ def train_step(t, images, batch, ranks):
     s, device = t.settings, images.device
     noise = torch.randn((len(batch), s.latent_dim), generator=t.noise_gen, device=device)
     x = images[batch[ranks.rank::ranks.world]].float() / 255
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.amp):
-        logits, mu, logvar = t.net(x.contiguous(memory_format=layout),
+        logits, mu, logvar = t.net(x.contiguous(memory_format=memory_format(device)),
                                    noise[ranks.rank::ranks.world])
     recon, kl = loss_terms(logits, x, mu, logvar, s.likelihood)
     objective = recon + s.kl_weight * kl
@@ -1192,13 +1194,17 @@ bounds the discrete likelihood (Theis et al. 2016). Codec bits are file sizes, h
 def kl_section(metrics):
     """Rate, distortion and what the pictures show for each λ, and what follows from them."""
     runs, y = {r["kl_weight"]: r for r in metrics["runs"]}, metrics["yardstick"]
-    unit, scale = ("bpd", 1 / (3 * metrics["config"]["image_size"] ** 2 * math.log(2))) if y \
-        else ("nats", 1)
+    unit = "bpd" if y else "nats"
+
+    def rate_and_distortion(w, r):  # the yardstick's bits when it has them, else nats
+        if y:
+            m = y["models"][weight_tag(w)]
+            return fmt(m["rate_bpd"], 4), fmt(m["distortion_bpd"], 3)
+        return fmt(r["test"]["kl"], 2), fmt(r["test"]["recon"])
     pictures = (("recon_sharpness", 2), ("sample_sharpness", 2), ("sample_mse_to_mean_image", 4),
                 ("sample_pixel_std", 3))
-    rows = [(weight_tag(w), fmt(r["test"]["kl"] * scale, 4), fmt(r["test"]["recon"] * scale, 3),
-             r["test"]["active_units"], *(fmt(r["pictures"][k], d) for k, d in pictures))
-            for w, r in runs.items()]
+    rows = [(weight_tag(w), *rate_and_distortion(w, r), r["test"]["active_units"],
+             *(fmt(r["pictures"][k], d) for k, d in pictures)) for w, r in runs.items()]
     rows.append(("real test images", "", "", "", "1", "1",
                  fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
     table = markdown_table(["λ", f"rate ({unit})", f"distortion ({unit})", "active units",
