@@ -945,11 +945,13 @@ def plot_learning_curve(history, kl_weight, path, dims=None):
         if key == "neg_elbo" and kl_weight != 1:
             ax.plot(epochs, [h["test"]["objective"] * scale for h in history], ":", color="grey",
                     label=f"test objective (λ = {weight_tag(kl_weight)})")
-        ax.set(title=f"{title}, {unit}", xlabel="epoch")
+        ax.set_title(f"{title}, {unit}", fontsize=10)
+        ax.set(xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Learning curve, λ = {weight_tag(kl_weight)} "
                  "(train: running mean over the epoch)")
+    fig.tight_layout()
     save_figure_atomically(fig, path)
 
 
