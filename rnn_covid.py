@@ -1059,7 +1059,8 @@ def write_world_png(fig, path, topo):
         return "no Chrome/Chromium found; install one, run `kaleido_get_chrome` or set BROWSER_PATH"
     except Exception as exc:
         return f"the browser failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-    write_bytes_atomically(path, png)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
 
 
 @dataclass
@@ -1319,11 +1320,6 @@ def write_text_atomically(path, text):
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes_atomically(path, data):
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def save_torch_atomically(obj, path):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -1339,10 +1335,9 @@ def check_writable(folder):
     """Fail before any work when the output folder cannot be created or written."""
     folder = Path(folder)
     blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise UserError(f"cannot create output folder {folder}: {blocker} is a file; "
-                        "pass another --out")
     try:
+        if blocker is not None and not blocker.is_dir():
+            raise NotADirectoryError(f"{blocker} is a file")
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass

@@ -1,13 +1,11 @@
 """A convolutional VAE on anime faces, trained with the KL term weighted 1, 100 and 0.
 
-What it does
-    Decodes every image of --data-dir (recursively; jpg, jpeg, png, webp) once into a cached
-    uint8 tensor of RGB --image-size squares, splits it 90/10 by seed and trains one VAE per KL
-    weight λ (5 stride-2 convolutions, a 128-d latent, a mirrored decoder, a discretized
-    logistic likelihood), each from the same seed, split, initial weights and epochs. Scores
-    every λ in test bits per dimension beside density baselines and lossless codecs.
+Decodes every image of --data-dir (recursively; jpg, jpeg, png, webp) once into a cached uint8
+tensor of RGB --image-size squares, splits it 90/10 by seed and trains one VAE per KL weight λ
+(5 stride-2 convolutions, a 128-d latent, a mirrored decoder, a discretized logistic
+likelihood), each from the same seed, split, initial weights and epochs; then scores every λ in
+test bits per dimension beside density baselines and lossless codecs.
 
-How to run
     python vae_anime.py                          # λ = 1, 100, 0 (2 CPU cores: about 8 min)
     python vae_anime.py --kl-weight 1 --epochs 3 # one λ
     python vae_anime.py --resume                 # continue from the checkpoints
@@ -15,14 +13,13 @@ How to run
     torchrun --nproc_per_node=N vae_anime.py     # one VAE per λ, data-parallel over N processes
     python vae_anime.py --help                   # every flag, its default, what each preset sets
 
-What it writes (into --out, default figures/vae_anime/; under torchrun only rank 0 writes)
-    REPORT.md, metrics.json, lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,
-    active_units,kl_per_dim}.png, lambda_comparison.png, rate_distortion.png,
-    checkpoints/lambda_<λ>.pt (at the end of every epoch: everything needed to resume),
-    cache/images_<size>px.pt (the decoded images; rebuilt when the files or the size change).
-Every file is written under a temporary name and renamed into place. Bad input and a diverging
-loss stop with one line naming the problem and its fix, exit code 2. Ctrl-C (or SIGTERM) stops
-at once with exit code 130; the checkpoints keep the last finished epoch of each λ.
+Writes into --out (default figures/vae_anime/; under torchrun rank 0 alone): REPORT.md,
+metrics.json, lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,active_units,
+kl_per_dim}.png, lambda_comparison.png, rate_distortion.png, checkpoints/lambda_<λ>.pt (at each
+epoch's end, all a resume needs) and cache/images_<size>px.pt (the decoded images). Each file
+is written under a temporary name and renamed into place. Bad input or a diverging loss: one
+line naming the problem and its fix, exit code 2. Ctrl-C or SIGTERM: exit code 130, and the
+checkpoints keep each λ's last finished epoch.
 """
 import argparse
 import contextlib
@@ -83,6 +80,7 @@ def checked(kind, ok, must):
 
 POSITIVE_INT = checked(int, lambda v: v >= 1, "a positive integer")
 KL_WEIGHT = checked(float, lambda v: v >= 0, "a number >= 0")
+POSITIVE = checked(float, lambda v: v > 0, "> 0")
 
 
 def kl_weight_list(text):
@@ -95,7 +93,7 @@ def kl_weight_list(text):
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run, built once from the command line by parse_args()."""
-    data_dir: Path = setting(Path("data/anime_faces"), "folder of images, searched recursively",
+    data_dir: Path = setting(Path("data/anime_faces"), "image folder, searched recursively",
                              type=Path)
     out: Path = setting(Path("figures/vae_anime"), "output folder", type=Path)
     cache_dir: Path = setting(None, "decoded-image cache folder (none: OUT/cache)", type=Path)
@@ -105,9 +103,8 @@ class Config:
                                 type=kl_weight_list)
     epochs: int = setting(5, "epochs per λ", type=POSITIVE_INT)
     batch_size: int = setting(64, "images per step", type=POSITIVE_INT)
-    lr: float = setting(1e-3, "Adam learning rate", type=checked(float, lambda v: v > 0, "> 0"))
-    lr_decay: float = setting(1.0, "learning-rate factor per epoch",
-                              type=checked(float, lambda v: v > 0, "> 0"))
+    lr: float = setting(1e-3, "Adam learning rate", type=POSITIVE)
+    lr_decay: float = setting(1.0, "learning-rate factor per epoch", type=POSITIVE)
     test_fraction: float = setting(0.1, "share of images held out for test",
                                    type=checked(float, lambda v: 0 < v < 1, "between 0 and 1"))
     seed: int = setting(0, "seed of the split, the weights and every noise draw",
@@ -158,12 +155,12 @@ CODECS = {"PNG": {"format": "PNG", "optimize": True},
 
 def flag_help(f):
     """A field's doc, its default and the value of every preset that changes it."""
-    def show(value):
+    def show(cfg):
+        value = getattr(cfg, f.name)
         return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
-    default = getattr(PRESETS["default"], f.name)
-    changed = "".join(f"; preset {name}: {show(getattr(cfg, f.name))}"
-                      for name, cfg in PRESETS.items() if getattr(cfg, f.name) != default)
-    return f"{f.metadata['doc']} (default: {show(default)}{changed})"
+    changed = "".join(f"; preset {name}: {show(cfg)}" for name, cfg in PRESETS.items()
+                      if show(cfg) != show(PRESETS["default"]))
+    return f"{f.metadata['doc']} (default: {show(PRESETS['default'])}{changed})"
 
 
 def parse_args(argv=None):
@@ -172,18 +169,17 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=list(PRESETS), default="default",
                    help="named settings the flags below override (default: default)")
     for f in dataclasses.fields(Config):
-        flag = f.metadata["flag"]
-        metavar = {} if "action" in flag else {"metavar": f.name.upper()}
+        metavar = {} if "action" in f.metadata["flag"] else {"metavar": f.name.upper()}
         p.add_argument("--" + f.name.replace("_", "-"), default=None, help=flag_help(f),
-                       **metavar, **flag)
-    p.add_argument("--kl-weight", type=KL_WEIGHT, default=None,
-                   help="train a single λ (overrides --kl-weights; default: none)")
-    args = p.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-             if getattr(args, f.name) is not None}
-    if args.kl_weight is not None:
-        given["kl_weights"] = (args.kl_weight,)
-    cfg = dataclasses.replace(PRESETS[args.preset], **given)
+                       **metavar, **f.metadata["flag"])
+    p.add_argument("--kl-weight", type=KL_WEIGHT, help="train a single λ (overrides "
+                   "--kl-weights; default: none)")
+    args = vars(p.parse_args(argv))
+    preset, single = PRESETS[args.pop("preset")], args.pop("kl_weight")
+    given = {name: value for name, value in args.items() if value is not None}
+    if single is not None:
+        given["kl_weights"] = (single,)
+    cfg = dataclasses.replace(preset, **given)
     try:
         VAE(cfg.latent_dim, cfg.image_size)          # the model says which sizes fit it
     except ValueError as err:
@@ -245,11 +241,7 @@ def read_square(path, size):
 
 
 def decode_chunk(paths, size):
-    """Some files -> their readable images stacked, and (readable, upscaled) for each file."""
-    results = [read_square(path, size) for path in paths]
-    images = [image for image, _ in results if image is not None]
-    stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
-    return stacked, [(image is not None, small) for image, small in results]
+    return [read_square(path, size) for path in paths]
 
 
 def ignore_signals(worker_id):
@@ -259,8 +251,8 @@ def ignore_signals(worker_id):
 
 
 def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
-    """All images as an N×3×size×size uint8 tensor, from the cache when its key still matches;
-    decoded in chunks of 500, by `workers` processes from 2,000 files on (below, they cost more
+    """All images as an N×3×size×size uint8 tensor, from the cache while its key matches, else
+    decoded in chunks of 500 (by `workers` processes from 2,000 files on: below, they cost more
     than they save)."""
     files = list_image_files(data_dir)
     key, cache_path = file_list_key(files, data_dir, size), cache_dir / f"images_{size}px.pt"
@@ -271,18 +263,19 @@ def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
             return cached["images"], dict(cached["info"], cache="hit",
                                           seconds=time.perf_counter() - start)
     workers = workers if len(files) >= 2000 else 1
-    chunks = list(tqdm(torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         files, batch_size=500, num_workers=0 if workers == 1 else workers,
-        collate_fn=functools.partial(decode_chunk, size=size), worker_init_fn=ignore_signals),
-        desc="decoding", leave=False, disable=None))
-    images, flags = torch.cat([c[0] for c in chunks]), [f for c in chunks for f in c[1]]
+        collate_fn=functools.partial(decode_chunk, size=size), worker_init_fn=ignore_signals)
+    results = [r for chunk in tqdm(loader, desc="decoding", leave=False, disable=None)
+               for r in chunk]
     names = [str(p.relative_to(data_dir)) for p in files]
-    if not len(images):
+    skipped = [name for name, (image, _) in zip(names, results) if image is None]
+    if len(skipped) == len(files):
         raise UserError(f"none of the {len(files)} image files in {data_dir} could be decoded "
                         f"(e.g. {name_some(names, 3)}): replace them or run `make data`")
+    images = torch.stack([image for image, _ in results if image is not None])
     info = {"folder": str(data_dir), "files_found": len(files), "images": len(images),
-            "skipped": [n for n, (ok, _) in zip(names, flags) if not ok],
-            "upscaled": [n for n, (ok, small) in zip(names, flags) if ok and small],
+            "skipped": skipped, "upscaled": [n for n, (_, up) in zip(names, results) if up],
             "image_size": size, "key": key, "decode_workers": workers}
     seconds = time.perf_counter() - start
     try:
@@ -317,24 +310,22 @@ class Data:
     anchors: dict                # test MSE of the mean image, the Bernoulli reconstruction floor
 
 
-def prepare_data(cfg, device, ranks):
+def prepare_data(cfg, device):
     """Under torchrun rank 0 builds the cache while the others wait, then they read it."""
-    if not ranks.main:
-        barrier(ranks)
+    if not is_main():
+        barrier()
     images, info = load_images(cfg.data_dir, cfg.image_size, cfg.cache_folder, cfg.workers,
-                               write_cache=ranks.main)
-    if ranks.main:
-        barrier(ranks)
+                               write_cache=is_main())
+    if is_main():
+        barrier()
     source = ("from the cache" if info["cache"] == "hit" else
               f"decoded from {info['files_found']} files by {info['decode_workers']} processes")
-    log.info(f"data: {info['images']} images of {info['image_size']}px {source} "
+    log.info(f"data: {info['images']} images of {cfg.image_size}px {source} "
              f"({info['seconds']:.1f} s)")
-    if info["skipped"]:
-        log.warning(f"warning: skipped {len(info['skipped'])} unreadable or corrupt files: "
-                    f"{name_some(info['skipped'])}")
-    if info["upscaled"]:
-        log.warning(f"warning: {len(info['upscaled'])} images smaller than {info['image_size']}px "
-                    f"were upscaled (blurry): {name_some(info['upscaled'])}")
+    for names, what in ((info["skipped"], "unreadable or corrupt files were skipped"),
+                        (info["upscaled"], f"images under {cfg.image_size}px were upscaled")):
+        if names:
+            log.warning(f"warning: {len(names)} {what}: {name_some(names)}")
     images = images.to(device)                       # once; batches are sliced on the device
     train_idx, test_idx = (i.to(device) for i in split_indices(len(images), cfg.test_fraction,
                                                                  cfg.seed))
@@ -483,11 +474,10 @@ PROGRESS = ("epoch", "history", "train_seconds")     # the Training fields a che
 
 
 def use_bf16(amp, device):
-    """--amp auto: bfloat16 on CUDA GPUs with native bfloat16 (emulated, as on a T4, is slow),
-    float32 on the CPU (oneDNN's bfloat16 was slower there: docs/vae_anime.md)."""
-    if amp != "auto":
-        return amp == "on"
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    """--amp auto: bfloat16 on GPUs with native bfloat16 only (emulated, as on a T4, is slow; on
+    the CPU oneDNN's was slower than float32: docs/vae_anime.md)."""
+    return amp == "on" if amp != "auto" else (
+        device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def memory_format(device):
@@ -495,11 +485,11 @@ def memory_format(device):
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def new_training(settings, data_key, device, ranks):
+def new_training(settings, data_key, device):
     torch.manual_seed(settings.seed)            # the same initial weights for every λ
     model = VAE(settings.latent_dim, settings.image_size, likelihood=settings.likelihood)
     model = model.to(device, memory_format=memory_format(device))
-    return Training(settings, data_key, model, data_parallel(model, device, ranks),
+    return Training(settings, data_key, model, data_parallel(model, device),
                     torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True),
                     torch.Generator(device=device).manual_seed(settings.seed + 1))
 
@@ -511,11 +501,11 @@ def save_checkpoint(t, path):
                            **{name: getattr(t, name) for name in PROGRESS}}, path)
 
 
-def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
+def start_or_resume(cfg, kl_weight, data_key, device, bf16):
     """A new training, or with --resume the checkpoint's, checked against settings and data."""
     settings = run_settings(cfg, kl_weight, bf16, device)
     path = checkpoint_path(cfg.out, kl_weight)
-    t = new_training(settings, data_key, device, ranks)
+    t = new_training(settings, data_key, device)
     if not (cfg.resume and path.exists()):
         return t
     try:
@@ -540,18 +530,18 @@ def start_or_resume(cfg, kl_weight, data_key, device, bf16, ranks):
     return t
 
 
-def train(t, data, epochs, ranks, ckpt_path):
+def train(t, data, epochs, ckpt_path):
     """Train to `epochs`; after each epoch evaluate, refuse non-finite numbers and checkpoint."""
     s = t.settings
     while t.epoch < epochs:
         start = time.perf_counter()
-        train_stats = train_epoch(t, data, ranks)
-        test = scalars(evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed, ranks))
+        train_stats = train_epoch(t, data)
+        test, _ = evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed)
         refuse_non_finite(t, train_stats | test, ckpt_path)
         seconds = time.perf_counter() - start
         t.epoch, t.train_seconds = t.epoch + 1, t.train_seconds + seconds
         t.history.append({"epoch": t.epoch, "train": train_stats, "test": test})
-        if ranks.main:
+        if is_main():
             save_checkpoint(t, ckpt_path)
         t.checkpointed = True
         log.info(f"λ={weight_tag(s.kl_weight):>4} epoch {t.epoch:>3}/{epochs}  "
@@ -562,7 +552,7 @@ def train(t, data, epochs, ranks, ckpt_path):
     return t
 
 
-def train_epoch(t, data, ranks):
+def train_epoch(t, data):
     """One epoch: every rank takes its share of each global batch; sums are read at the end."""
     s = t.settings
     t.net.train()
@@ -572,27 +562,27 @@ def train_epoch(t, data, ranks):
     shuffle = torch.Generator().manual_seed(s.seed * 100_003 + t.epoch)
     order = data.train_idx[torch.randperm(len(data.train_idx), generator=shuffle)]
     sums = torch.zeros(3, dtype=torch.float64, device=data.images.device)
-    for batch in tqdm(order.split(s.batch_size), leave=False, disable=None if ranks.main else True,
+    for batch in tqdm(order.split(s.batch_size), leave=False, disable=None if is_main() else True,
                       desc=f"λ={weight_tag(s.kl_weight)} epoch {t.epoch + 1}"):
-        sums += train_step(t, data.images, batch, ranks)
-    (objective, recon, kl), n = sum_across(sums, ranks).tolist(), len(order)
+        sums += train_step(t, data.images, batch)
+    (objective, recon, kl), n = sum_across(sums).tolist(), len(order)
     return {"objective": objective / n, "recon": recon / n, "kl": kl / n,
             "neg_elbo": (recon + kl) / n}
 
 
-def train_step(t, images, batch, ranks):
-    """One step on this rank's share of the global batch `batch` (image indices); returns the
+def train_step(t, images, batch):
+    """One step on this process's share of the global batch `batch` (image indices); returns the
     share's summed objective, recon and KL on the device, without a host sync."""
-    s, device = t.settings, images.device
+    s, device, (rank, world) = t.settings, images.device, rank_and_world()
     noise = torch.randn((len(batch), s.latent_dim), generator=t.noise_gen, device=device)
-    x = images[batch[ranks.rank::ranks.world]].float() / 255
+    x = images[batch[rank::world]].float() / 255
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.amp):
         logits, mu, logvar = t.net(x.contiguous(memory_format=memory_format(device)),
-                                   noise[ranks.rank::ranks.world])
+                                   noise[rank::world])
     recon, kl = loss_terms(logits, x, mu, logvar, s.likelihood)
     objective = recon + s.kl_weight * kl
     # This rank's share of the global batch mean; DDP averages the ranks' gradients.
-    loss = objective.sum() * (ranks.world / len(batch))
+    loss = objective.sum() * (world / len(batch))
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     t.optimizer.step()
@@ -616,21 +606,19 @@ def refuse_non_finite(t, stats, ckpt_path):
 
 
 @torch.no_grad()
-def evaluate(model, images, idx, kl_weight, seed, ranks=None, batch_size=512):
+def evaluate(model, images, idx, kl_weight, seed, batch_size=512):
     """In float32 with one seeded noise draw: objective, neg-ELBO, recon, KL, MSE of the
     posterior mean's reconstruction, KL per latent dimension and active units (Burda et al.
-    2016); under torchrun each rank takes a share."""
-    ranks = ranks or Ranks()
+    2016); under torchrun each process takes a share."""
     model.eval()
-    d, device = model.to_moments.out_features // 2, images.device
+    d, device, (rank, world) = model.to_moments.out_features // 2, images.device, rank_and_world()
     noise_gen = torch.Generator(device=device).manual_seed(seed)
     totals = torch.zeros(3, dtype=torch.float64, device=device)        # recon, KL, MSE
     per_dim = torch.zeros(3, d, dtype=torch.float64, device=device)    # KL, μ, μ²
     for start in range(0, len(idx), batch_size):
         chunk = idx[start:start + batch_size]
         noise = torch.randn((len(chunk), d), generator=noise_gen, device=device)
-        share = slice(ranks.rank, None, ranks.world)
-        x, noise = images[chunk[share]].float() / 255, noise[share]
+        x, noise = images[chunk[rank::world]].float() / 255, noise[rank::world]
         with torch.autocast(device.type, enabled=False):
             mu, logvar = model.encode(x)
             z = mu + noise * torch.exp(0.5 * logvar)
@@ -639,19 +627,18 @@ def evaluate(model, images, idx, kl_weight, seed, ranks=None, batch_size=512):
         totals += torch.stack([recon.sum(), kl.sum(), mse.sum()]).double()
         per_dim += torch.stack([kl_per_dimension(mu, logvar).sum(0), mu.sum(0),
                                 mu.pow(2).sum(0)]).double()
-    recon, kl, mse = (sum_across(totals, ranks) / len(idx)).tolist()
-    kl_dims, mu, mu_sq = sum_across(per_dim, ranks) / len(idx)
-    out = {"recon": recon, "kl": kl, "mse": mse, "neg_elbo": recon + kl,
-           "objective": recon + kl_weight * kl, "kl_per_dim": kl_dims.tolist()}
-    out["mu_variance_per_dim"] = (mu_sq - mu.pow(2)).clamp_min(0).tolist()
-    out["active_units"] = sum(v > ACTIVE_UNIT_VARIANCE for v in out["mu_variance_per_dim"])
-    out["kl_active_dims"] = sum(v > KL_ACTIVE_NATS for v in out["kl_per_dim"])
-    return out
+    recon, kl, mse = (sum_across(totals) / len(idx)).tolist()
+    kl_dims, mu, mu_sq = sum_across(per_dim) / len(idx)
+    per_dim = {"kl_per_dim": kl_dims.tolist(),
+               "mu_variance_per_dim": (mu_sq - mu.pow(2)).clamp_min(0).tolist()}
+    return {"recon": recon, "kl": kl, "mse": mse, "neg_elbo": recon + kl,
+            "objective": recon + kl_weight * kl,
+            "active_units": sum(v > ACTIVE_UNIT_VARIANCE for v in per_dim["mu_variance_per_dim"]),
+            "kl_active_dims": sum(v > KL_ACTIVE_NATS for v in per_dim["kl_per_dim"])}, per_dim
 
 
-def scalars(stats):
-    """The numbers of an evaluation without its per-dimension lists."""
-    return {k: v for k, v in stats.items() if not isinstance(v, list)}
+def bits_per_dim(nats, dims):
+    return nats / (dims * math.log(2))
 
 
 @torch.no_grad()
@@ -720,36 +707,28 @@ def baseline_bits(train, test, seed):
             **{name: codec_bits(test, **options) for name, options in CODECS.items()}}
 
 
-def claim(lo, hi):
-    """The verdict's word for a 95% interval of a gap: it follows the interval, not the point."""
-    return "beats" if lo > 0 else "below" if hi < 0 else "indistinguishable"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    baseline: str                # the one of fewest test bits
-    gap: float                   # baseline − model, bits per dimension (> 0: the model wins)
-    ci95: tuple                  # percentile bootstrap over the test images
-    claim: str
-
-
 def verdict(model_bits, baselines, dims, seed):
+    """The strongest baseline (fewest test bits), the gap baseline − model in bpd (> 0: the
+    model wins), its 95% percentile-bootstrap interval over the test images, and its word."""
     name = min(baselines, key=lambda n: baselines[n].mean().item())
     gaps = ((baselines[name] - model_bits) / dims).numpy()
     ci = scipy.stats.bootstrap((gaps,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
                                method="percentile", rng=np.random.default_rng(seed))
     lo, hi = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
-    return Verdict(name, float(gaps.mean()), (lo, hi), claim(lo, hi))
+    # The word follows the interval, not the point, as in rnn_covid.py.
+    claim = "beats" if lo > 0 else "below" if hi < 0 else "indistinguishable"
+    return {"baseline": name, "gap": float(gaps.mean()), "ci95": (lo, hi), "claim": claim}
 
 
 @dataclass(frozen=True)
 class Yardstick:
     """Test bits per dimension (bpd) of the models and baselines: metrics.json's "yardstick"."""
     likelihood: str
+    dims: int                    # sub-pixels per image
     baselines: dict              # name -> bpd
     models: dict                 # λ tag -> elbo_bpd, distortion_bpd, rate_bpd
     iw: dict                     # k and bpd of λ = 1's bound (None without λ = 1)
-    verdict: Verdict             # λ = 1's bound against the strongest baseline (or None)
+    verdict: dict                # λ = 1's bound against the strongest baseline (or None)
 
 
 def measure_yardstick(cfg, data, entries, lambda_1):
@@ -759,12 +738,12 @@ def measure_yardstick(cfg, data, entries, lambda_1):
         lambda_1, data.images, data.test_idx, cfg.iw_samples, cfg.seed)
     iw_s = time.perf_counter() - start
     baselines = baseline_bits(data.images[data.train_idx], data.images[data.test_idx], cfg.seed)
-    bpd = 1 / (dims * math.log(2))
-    models = {weight_tag(e["kl_weight"]): {"elbo_bpd": e["test"]["neg_elbo"] * bpd,
-                                            "distortion_bpd": e["test"]["recon"] * bpd,
-                                            "rate_bpd": e["test"]["kl"] * bpd} for e in entries}
+    per_nat = bits_per_dim(1, dims)
+    models = {weight_tag(e["kl_weight"]): {"elbo_bpd": e["test"]["neg_elbo"] * per_nat,
+                                            "distortion_bpd": e["test"]["recon"] * per_nat,
+                                            "rate_bpd": e["test"]["kl"] * per_nat} for e in entries}
     yardstick = Yardstick(
-        cfg.likelihood, {name: b.mean().item() / dims for name, b in baselines.items()}, models,
+        cfg.likelihood, dims, {name: b.mean().item() / dims for name, b in baselines.items()}, models,
         None if iw is None else {"k": cfg.iw_samples, "bpd": iw.mean().item() / dims},
         None if iw is None else verdict(iw, baselines, dims, cfg.seed))
     return yardstick, {"iw_s": iw_s, "baselines_s": time.perf_counter() - start - iw_s}
@@ -802,14 +781,13 @@ def picture_stats(pictures, fixed_test, mean_image):
             "sample_pixel_std": samples.std(0).mean().item()}
 
 
-def finish_run(t, test, data, out):
+def finish_run(t, test, per_dim, data, out):
     """Write the figures of a trained λ; returns its metrics entry and its pictures."""
     w = t.settings.kl_weight
     pictures = run_pictures(t.model, data.fixed_test, data.z)
     dims = None if t.settings.likelihood == "bernoulli" else data.fixed_test[0].numel()
-    write_run_figures(out, w, t.history, pictures, data.fixed_test, test, dims)
-    return {"kl_weight": w, "epochs": t.epoch, "test": scalars(test),
-            "kl_per_dim": test["kl_per_dim"], "mu_variance_per_dim": test["mu_variance_per_dim"],
+    write_run_figures(out, w, t.history, pictures, data.fixed_test, per_dim, dims)
+    return {"kl_weight": w, "epochs": t.epoch, "test": test, **per_dim,
             "pictures": picture_stats(pictures, data.fixed_test.float().cpu(), data.mean_image),
             "history": t.history}, pictures
 
@@ -823,97 +801,87 @@ def main(argv=None):
 
 def run(cfg):
     signal.signal(signal.SIGTERM, signal.default_int_handler)     # SIGTERM stops as Ctrl-C does
-    with process_group(cfg.device) as (ranks, device):
+    with process_group(cfg.device) as device:
         started, load_before = time.perf_counter(), os.getloadavg()[0]
         matplotlib.use("Agg")                # figures go to files, even where a display exists
-        bf16 = use_bf16(cfg.amp, device)
+        bf16, world = use_bf16(cfg.amp, device), rank_and_world()[1]
         torch.backends.cudnn.allow_tf32 = False     # float32 means float32 on cuDNN too
-        if ranks.main:
+        if is_main():
             check_writable(cfg.out)
         seed_everything(cfg.seed)
-        data = prepare_data(cfg, device, ranks)
-        log.info(f"device {device} ({'bfloat16 autocast' if bf16 else 'float32'}, "
-                 f"{ranks.world} process{'es' if ranks.world > 1 else ''}); "
-                 f"{len(data.train_idx)} train / {len(data.test_idx)} test images; "
+        data = prepare_data(cfg, device)
+        log.info(f"device {device} ({'bfloat16 autocast' if bf16 else 'float32'}, {world} "
+                 f"process{'es' if world > 1 else ''}); {len(data.train_idx)} train / "
+                 f"{len(data.test_idx)} test images; "
                  f"λ = {', '.join(map(weight_tag, cfg.kl_weights))}; {cfg.epochs} epochs each")
         try:
-            entries, pictures, train_s, lambda_1 = train_every_weight(cfg, data, device, bf16,
-                                                                      ranks)
+            entries, pictures, train_s, lambda_1 = train_every_weight(cfg, data, device, bf16)
         except KeyboardInterrupt:            # the first Ctrl-C or SIGTERM, in one place
-            if ranks.main:
+            if is_main():
                 print(f"interrupted: {cfg.out / 'checkpoints'} keeps the last finished epoch "
                       "of each λ; continue with --resume", file=sys.stderr)
             raise SystemExit(130) from None  # not a return: ranks must skip the closing barrier
-        if ranks.main:
+        if is_main():
             yardstick, seconds = ((None, {}) if cfg.likelihood == "bernoulli" else
                                   measure_yardstick(cfg, data, entries, lambda_1))
-            write_summary(cfg, data, entries, pictures, yardstick,
-                          timing(device, bf16, ranks, data, train_s, started, load_before, seconds))
+            timing = {"device": str(device), "bf16_autocast": bf16, "processes": world,
+                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                      "data_s": data.info["seconds"], "cache": data.info["cache"],
+                      "train_s": train_s, "total_s": time.perf_counter() - started,
+                      "load_before": round(load_before, 2),
+                      "load_after": round(os.getloadavg()[0], 2)} | seconds
+            write_summary(cfg, data, entries, pictures, yardstick, timing)
         return 0
 
 
-def train_every_weight(cfg, data, device, bf16, ranks):
+def train_every_weight(cfg, data, device, bf16):
     """Train (or resume), evaluate and draw one VAE per λ."""
     entries, pictures, train_s, lambda_1 = [], {}, {}, None
     for w in cfg.kl_weights:
-        t = start_or_resume(cfg, w, data.info["key"], device, bf16, ranks)
-        train(t, data, cfg.epochs, ranks, checkpoint_path(cfg.out, w))
-        test = evaluate(t.model, data.images, data.test_idx, w, cfg.seed, ranks)
+        t = start_or_resume(cfg, w, data.info["key"], device, bf16)
+        train(t, data, cfg.epochs, checkpoint_path(cfg.out, w))
+        test, per_dim = evaluate(t.model, data.images, data.test_idx, w, cfg.seed)
         train_s[weight_tag(w)] = t.train_seconds
-        if ranks.main:
-            entry, pictures[w] = finish_run(t, test, data, cfg.out)
+        if is_main():
+            entry, pictures[w] = finish_run(t, test, per_dim, data, cfg.out)
             entries.append(entry)
         lambda_1 = t.model if w == 1 else lambda_1        # for the importance-weighted bound
     return entries, pictures, train_s, lambda_1
 
 
-def write_summary(cfg, data, entries, pictures, yardstick, run_timing):
+def write_summary(cfg, data, entries, pictures, yardstick, timing):
     """The side-by-side figure, metrics.json and REPORT.md."""
-    plot_comparison(pictures, data.fixed_test.float().cpu(), cfg.out / "lambda_comparison.png")
-    metrics = collect_metrics(cfg, data, entries, yardstick) | {"timing": run_timing}
+    plot_comparison(pictures, data.fixed_test.cpu(), cfg.out / "lambda_comparison.png")
+    lambda_0 = next((e for e in entries if e["kl_weight"] == 0), None)
+    metrics = summarise({
+        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                   if f.name not in NOT_IN_METRICS} | {"cache_dir": cfg.cache_folder},
+        "data": {k: v for k, v in data.info.items() if k not in ("cache", "seconds",
+                                                                  "decode_workers")}
+        | {"train": len(data.train_idx), "test": len(data.test_idx)},
+        "runs": entries,
+        "anchors": data.anchors | {"lambda_0_mse": lambda_0 and lambda_0["test"]["mse"]},
+        "yardstick": yardstick and dataclasses.asdict(yardstick), "timing": timing})
     write_text_atomically(cfg.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     if yardstick:
         plot_rate_distortion(metrics["yardstick"], cfg.out / "rate_distortion.png")
-        log.info("test bits per dimension:\n" + yardstick_table(metrics["yardstick"]))
+        log.info("test bits per dimension:\n" + results_table(metrics))
     model = VAE(cfg.latent_dim, cfg.image_size, likelihood=cfg.likelihood)
     write_text_atomically(cfg.out / "REPORT.md", build_report(metrics, model, cfg.out))
-    log.info(f"done in {run_timing['total_s'] / 60:.1f} min: {cfg.out / 'REPORT.md'}, "
+    log.info(f"done in {timing['total_s'] / 60:.1f} min: {cfg.out / 'REPORT.md'}, "
              f"{cfg.out / 'metrics.json'}")
 
 
-def collect_metrics(cfg, data, entries, yardstick):
-    lambda_0 = next((e for e in entries if e["kl_weight"] == 0), None)
-    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-              if f.name not in NOT_IN_METRICS}
-    config.update(cache_dir=cfg.cache_folder, kl_weights=list(cfg.kl_weights))
-    info = {k: v for k, v in data.info.items() if k not in ("cache", "seconds", "decode_workers")}
-    return summarise({
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
-        "data": info | {"train": len(data.train_idx), "test": len(data.test_idx)},
-        "runs": entries,
-        "anchors": data.anchors | {"lambda_0_mse": lambda_0["test"]["mse"] if lambda_0 else None},
-        "yardstick": yardstick and dataclasses.asdict(yardstick),
-    })
-
-
-def timing(device, bf16, ranks, data, train_s, started, load_before, yardstick_s):
-    return summarise({
-        "device": str(device), "bf16_autocast": bf16, "processes": ranks.world,
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "data_s": data.info["seconds"], "cache": data.info["cache"], "train_s": train_s,
-        "total_s": time.perf_counter() - started, "load_before": round(load_before, 2),
-        "load_after": round(os.getloadavg()[0], 2)} | yardstick_s)
-
-
 def summarise(x):
-    """Round floats for metrics.json (deterministic, so identical runs stay identical)."""
+    """x as metrics.json holds it: floats rounded (deterministically: identical runs stay
+    identical), paths as text, tuples as lists."""
     if isinstance(x, float):
         return round(x, 5)
     if isinstance(x, dict):
         return {k: summarise(v) for k, v in x.items()}
-    if isinstance(x, list):
+    if isinstance(x, (list, tuple)):
         return [summarise(v) for v in x]
-    return x
+    return str(x) if isinstance(x, Path) else x
 
 
 # ==== Appendix A: figures =============================================================
@@ -935,7 +903,7 @@ def plot_grid(images, nrow, title, figsize, path):
 def plot_learning_curve(history, kl_weight, path, dims=None):
     """In bits per dimension when `dims` is given (a likelihood of the 8-bit images), else nats."""
     epochs, unit = [h["epoch"] for h in history], "bits/dim" if dims else "nats/image"
-    scale = 1 / (dims * math.log(2)) if dims else 1
+    scale = bits_per_dim(1, dims) if dims else 1
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"),
                               ("negative ELBO (λ = 1)", "distortion (recon)",
@@ -993,7 +961,7 @@ def figure_paths(out, kl_weight):
                          "active_units", "kl_per_dim")}
 
 
-def write_run_figures(out, kl_weight, history, pictures, fixed_test, test, dims):
+def write_run_figures(out, kl_weight, history, pictures, fixed_test, per_dim, dims):
     paths, tag = figure_paths(out, kl_weight), f"λ = {weight_tag(kl_weight)}"
     if history:
         plot_learning_curve(history, kl_weight, paths["learning_curve"], dims)
@@ -1008,11 +976,11 @@ def write_run_figures(out, kl_weight, history, pictures, fixed_test, test, dims)
         plot_grid(torch.cat(pictures["pairs"]), N_STEPS + 2, f"{tag}: original, {N_STEPS} decoded "
                   "steps between the two posterior means, original",
                   (12, 1.1 * len(pictures["pairs"]) + 0.6), paths["interpolations"])
-    plot_per_dimension(test["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE,
+    plot_per_dimension(per_dim["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE,
                        f"{tag}: active units (Burda et al. 2016)",
                        "variance of the posterior mean\nover the test images",
                        paths["active_units"])
-    plot_per_dimension(test["kl_per_dim"], KL_ACTIVE_NATS, f"{tag}: KL per latent dimension",
+    plot_per_dimension(per_dim["kl_per_dim"], KL_ACTIVE_NATS, f"{tag}: KL per latent dimension",
                        "mean KL over the test set, nats", paths["kl_per_dim"])
 
 
@@ -1096,9 +1064,8 @@ Generated by `vae_anime.py` from `metrics.json`; every number below is measured 
 ({skipped}{upscaled}), each cropped to its central square, box-averaged to {size}×{size} RGB
 (transparency over white) and cached; split by seed {cfg['seed']}: {data['train']:,} training
 and {data['test']:,} test images.
-""", model_section(metrics, model), results_section(metrics),
-                      yardstick_section(metrics["yardstick"], t, 3 * size * size),
-                      kl_section(metrics), figures_section(runs, out)])
+""", model_section(metrics, model), results_section(metrics), kl_section(metrics),
+                      figures_section(runs, out)])
 
 
 def model_section(metrics, model):
@@ -1126,37 +1093,26 @@ posterior sample per image; MSE and reconstructions use the posterior mean.
 """
 
 
-def results_section(metrics):
-    anchors, latent = metrics["anchors"], metrics["config"]["latent_dim"]
-    rows = [(weight_tag(r["kl_weight"]), fmt(r["test"]["neg_elbo"]), fmt(r["test"]["recon"]),
-             fmt(r["test"]["kl"], 2), fmt(r["test"]["mse"], 4),
-             f"{r['test']['active_units']}/{latent}", f"{r['test']['kl_active_dims']}/{latent}",
-             fmt(r["history"][-1]["train"]["objective"]) if r["history"] else "–")
-            for r in metrics["runs"]]
-    rows += [(f"anchor: {name}", "", "", "", fmt(mse, 4), "", "", "")
-             for name, mse in (("mean training image", anchors["mean_image_mse"]),
-                               ("λ = 0 model", anchors.get("lambda_0_mse"))) if mse is not None]
-    table = markdown_table(["λ", "test neg-ELBO (nats)", "recon (nats)", "KL (nats)", "test MSE",
-                            "active units", "KL-active dims", "train objective"], rows)
-    precision = "bfloat16 autocast" if metrics["timing"]["bf16_autocast"] else "float32"
-    return f"""## Results (test set, per image)
-
-{table}
-
-Active units: Var_x(E_q[z_d]) above {ACTIVE_UNIT_VARIANCE} (Burda et al. 2016); KL-active dims:
-mean KL above {KL_ACTIVE_NATS} nats. Training in {precision}; every test number in float32.
-"""
-
-
-def yardstick_table(y):
-    rows = [(name, fmt(bpd, 3), "", "") for name, bpd in y["baselines"].items()]
-    rows += [(f"VAE λ = {tag}, negative ELBO", fmt(m["elbo_bpd"], 3),
-              fmt(m["distortion_bpd"], 3), fmt(m["rate_bpd"], 4))
-             for tag, m in y["models"].items()]
-    if y["iw"]:
+def results_table(metrics):
+    """The baselines and every λ in one table: bits per dimension (nats per image under a
+    Bernoulli), the bound's distortion and rate, the MSE and how much of z each λ uses."""
+    y, latent, anchors = metrics["yardstick"], metrics["config"]["latent_dim"], metrics["anchors"]
+    unit, scale, digits = ("bpd", bits_per_dim(1, y["dims"]), 3) if y else ("nats", 1, 1)
+    rows = [(name, fmt(bpd, 3), *[""] * 6) for name, bpd in (y["baselines"] if y else {}).items()]
+    for r in metrics["runs"]:
+        t, train = r["test"], r["history"][-1]["train"]["objective"] if r["history"] else None
+        rows.append((f"VAE λ = {weight_tag(r['kl_weight'])}, negative ELBO",
+                     *(fmt(t[k] * scale, digits) for k in ("neg_elbo", "recon")),
+                     fmt(t["kl"] * scale, digits + 1), fmt(t["mse"], 4),
+                     f"{t['active_units']}/{latent}", f"{t['kl_active_dims']}/{latent}",
+                     fmt(train and train * scale, digits)))
+    if y and y["iw"]:
         rows.append((f"VAE λ = 1, importance-weighted bound (k = {y['iw']['k']})",
-                     f"**{fmt(y['iw']['bpd'], 3)}**", "", ""))
-    return markdown_table(["test images", "bits per dimension", "distortion", "rate"], rows)
+                     f"**{fmt(y['iw']['bpd'], 3)}**", *[""] * 6))
+    rows.append(("mean training image", "", "", "", fmt(anchors["mean_image_mse"], 4), *[""] * 3))
+    return markdown_table(["test images", "bits per dimension" if y else "negative ELBO (nats)",
+                           f"distortion ({unit})", f"rate ({unit})", "MSE", "active units",
+                           "KL-active dims", f"train objective ({unit})"], rows)
 
 
 VERDICTS = {"beats": "beats {}: the whole interval lies above 0",  # rnn_covid.py's words
@@ -1165,11 +1121,16 @@ VERDICTS = {"beats": "beats {}: the whole interval lies above 0",  # rnn_covid.p
                                  "includes 0"}
 
 
-def yardstick_section(y, timing, dims):
+def results_section(metrics):
+    y, t = metrics["yardstick"], metrics["timing"]
+    notes = f"""Distortion is −E_q[log p(x|z)], rate KL(q(z|x) ‖ N(0, I)); MSE is that of the
+posterior mean's reconstruction. Active units: Var_x(E_q[z_d]) above {ACTIVE_UNIT_VARIANCE}
+(Burda et al. 2016); KL-active dims: mean KL above {KL_ACTIVE_NATS} nats. Training in \
+{"bfloat16 autocast" if t["bf16_autocast"] else "float32"}; every test number in float32."""
     if y is None:
-        return ("## Bits per dimension\n\nThis run has no bits per dimension: a Bernoulli gives "
-                "no probability to the 256 levels of a pixel, so its negative ELBO is not a "
-                "code length of the images.\n")
+        return (f"## Results (test set, nats per image)\n\n{results_table(metrics)}\n\n{notes}"
+                "\n\nThis run has no bits per dimension: a Bernoulli gives no probability to the "
+                "256 levels of a pixel, so its negative ELBO is not a code length of the images.\n")
     v, iw = y["verdict"], y["iw"]
     verdict = (f"**Verdict.** λ = 1's importance-weighted bound "
                f"{VERDICTS[v['claim']].format(v['baseline'])}: gap {fmt(v['gap'], 3)} bits per "
@@ -1178,44 +1139,35 @@ def yardstick_section(y, timing, dims):
                "on test: that can only make the VAE look worse)."
                if v else "No λ = 1 run, so no importance-weighted bound and no verdict.")
     bound = (f" λ = 1's importance-weighted bound (Burda et al. 2016) uses k = {iw['k']} samples "
-             f"of q(z|x) per test image ({fmt(timing['iw_s'])} s)." if iw else "")
-    return f"""## Bits per dimension: the VAE against density baselines
+             f"of q(z|x) per test image ({fmt(t['iw_s'])} s)." if iw else "")
+    return f"""## Results: the VAE against density baselines (test set)
 
-{yardstick_table(y)}
+{results_table(metrics)}
 
-Bits per dimension = negative ELBO in nats / ({dims:,} · ln 2), split into distortion
-−E_q[log p(x|z)] and rate KL(q(z|x) ‖ N(0, I)).{bound} Baselines ({fmt(timing['baselines_s'])} s)
-are fitted on the training images only. The Gaussian is fitted on dequantized pixels
-(x + u)/256 and scored on dequantized test pixels: a continuous density on dequantized data
-bounds the discrete likelihood (Theis et al. 2016). Codec bits are file sizes, headers included.
+Bits per dimension (bpd) = negative ELBO in nats / ({y['dims']:,} · ln 2).{bound} Baselines
+({fmt(t['baselines_s'])} s) are fitted on the training images only. The Gaussian is fitted on
+dequantized pixels (x + u)/256 and scored on dequantized test pixels: a continuous density on
+dequantized data bounds the discrete likelihood (Theis et al. 2016). Codec bits are file sizes,
+headers included. {notes}
 
 {verdict}
 """
 
 
 def kl_section(metrics):
-    """Rate, distortion and what the pictures show for each λ, and what follows from them."""
-    runs, y = {r["kl_weight"]: r for r in metrics["runs"]}, metrics["yardstick"]
-    unit = "bpd" if y else "nats"
-
-    def rate_and_distortion(w, r):  # the yardstick's bits when it has them, else nats
-        if y:
-            m = y["models"][weight_tag(w)]
-            return fmt(m["rate_bpd"], 4), fmt(m["distortion_bpd"], 3)
-        return fmt(r["test"]["kl"], 2), fmt(r["test"]["recon"])
+    """What the pictures show for each λ, and what follows from the numbers."""
+    runs = {r["kl_weight"]: r for r in metrics["runs"]}
     pictures = (("recon_sharpness", 2), ("sample_sharpness", 2), ("sample_mse_to_mean_image", 4),
                 ("sample_pixel_std", 3))
-    rows = [(weight_tag(w), *rate_and_distortion(w, r), r["test"]["active_units"],
-             *(fmt(r["pictures"][k], d) for k, d in pictures)) for w, r in runs.items()]
-    rows.append(("real test images", "", "", "", "1", "1",
-                 fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
-    table = markdown_table(["λ", f"rate ({unit})", f"distortion ({unit})", "active units",
-                            "recon sharpness", "sample sharpness",
+    rows = [(weight_tag(w), *(fmt(r["pictures"][k], d) for k, d in pictures))
+            for w, r in runs.items()]
+    rows.append(("real test images", "1", "1", fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
+    table = markdown_table(["λ", "recon sharpness", "sample sharpness",
                             "samples' MSE to the mean image", "samples' pixel std"], rows)
-    lines = kl_lines(runs, y)
     return ("## What the numbers say about the KL term\n\n" + table + "\n\nSharpness: mean "
-            "neighbouring-pixel difference relative to the real test images (below 1: blurrier);"
-            " rate against distortion: `rate_distortion.png`.\n\n" + "\n".join(lines) + "\n")
+            "neighbouring-pixel difference relative to the real test images (below 1: blurrier)."
+            "\n\n"
+            + "\n".join(kl_lines(runs, metrics["yardstick"])) + "\n")
 
 
 def kl_lines(runs, y):
@@ -1269,19 +1221,17 @@ def checkpoint_path(out, kl_weight):
     return out / "checkpoints" / f"lambda_{weight_tag(kl_weight)}.pt"
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job; a plain run is rank 0 of 1."""
-    rank: int = 0
-    world: int = 1
+def rank_and_world():
+    """This process's rank and the number of processes: torchrun's, or (0, 1) in a plain run."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-    @property
-    def main(self):
-        return self.rank == 0
+
+def is_main():
+    return rank_and_world()[0] == 0
 
 
 def cuda_device_for(local_rank, visible):
-    """torchrun's LOCAL_RANK -> this rank's GPU; more ranks than GPUs is a user error."""
+    """torchrun's LOCAL_RANK -> this process's GPU; more processes than GPUs is a user error."""
     if local_rank >= visible:
         raise UserError(f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but {visible} "
                         f"CUDA device(s) are visible: start torchrun with --nproc_per_node at "
@@ -1291,10 +1241,10 @@ def cuda_device_for(local_rank, visible):
 
 @contextlib.contextmanager
 def process_group(device_name):
-    """Yields (ranks, device); under torchrun it joins the group (nccl on CUDA, else gloo)."""
+    """Yields the device; under torchrun it first joins the group (nccl on CUDA, else gloo)."""
     device = choose_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        yield Ranks(), device
+        yield device
         return
     cuda = device.type == "cuda"
     if cuda:
@@ -1304,34 +1254,33 @@ def process_group(device_name):
     # Rank 0 may decode a large --data-dir while the others wait at a barrier: a long timeout.
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                             timeout=datetime.timedelta(hours=2))
-    ranks = Ranks(dist.get_rank(), dist.get_world_size())
-    if not ranks.main:
+    if not is_main():
         log.setLevel(logging.ERROR)       # one log, from rank 0
     try:
-        yield ranks, device
+        yield device
         dist.barrier()      # rank 0 still writes: a gloo rank that left first was seen to abort
     finally:
         dist.destroy_process_group()
 
 
-def data_parallel(model, device, ranks):
+def data_parallel(model, device):
     """What training calls: DDP (gradients all-reduced) under torchrun, else the model."""
-    if ranks.world == 1:
+    if not dist.is_initialized():
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                if device.type == "cuda" else None)
 
 
-def sum_across(tensor, ranks):
-    """The tensor summed over all ranks (a copy; on the training device, as nccl needs)."""
+def sum_across(tensor):
+    """The tensor summed over all processes (a copy, on the training device as nccl needs)."""
     total = tensor.clone()
-    if ranks.world > 1:
+    if dist.is_initialized():
         dist.all_reduce(total)
     return total
 
 
-def barrier(ranks):
-    if ranks.world > 1:
+def barrier():
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -1365,11 +1314,6 @@ def write_text_atomically(path, text):
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes_atomically(path, data):
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def save_torch_atomically(obj, path):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -1385,10 +1329,9 @@ def check_writable(folder):
     """Fail before any work when the output folder cannot be created or written."""
     folder = Path(folder)
     blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise UserError(f"cannot create output folder {folder}: {blocker} is a file; "
-                        "pass another --out")
     try:
+        if blocker is not None and not blocker.is_dir():
+            raise NotADirectoryError(f"{blocker} is a file")
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass

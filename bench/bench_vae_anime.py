@@ -37,7 +37,6 @@ CONTESTANTS = [
     ("ours, batch 128", 128, 1e-3, "ours", False),
     ("ours, batch 256", 256, 1e-3, "ours", False),
 ]
-SOLO = vae_anime.Ranks()
 
 
 def with_seed_layers(model):
@@ -64,7 +63,7 @@ class Contestant:
                                          batch_size=batch_size, lr=lr, lr_decay=1.0,
                                          test_fraction=0.1, amp=bf16, device="cpu",
                                          likelihood="bernoulli")   # the numbers in the docs
-        self.t = vae_anime.new_training(settings, data_key, torch.device("cpu"), SOLO)
+        self.t = vae_anime.new_training(settings, data_key, torch.device("cpu"))
         if layers == "seed":
             self.t.model = self.t.net = with_seed_layers(self.t.model)
             self.t.optimizer = torch.optim.Adam(self.t.model.parameters(), lr=lr, fused=True)
@@ -80,7 +79,7 @@ class Contestant:
                 self.order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.epoch))]
                 self.epoch, self.position = self.epoch + 1, 0
             batch = self.order[self.position:self.position + self.batch_size]
-            vae_anime.train_step(self.t, images, batch, SOLO)
+            vae_anime.train_step(self.t, images, batch)
             self.position += self.batch_size
             self.images += self.batch_size
         self.seconds += time.perf_counter() - start
@@ -170,7 +169,7 @@ def main():
         print(f"  {min(c.seconds for c in contestants):.0f}/{args.budget:.0f} s each, load {load[-1]:.2f}",
               flush=True)
     for c in contestants:
-        c.neg_elbo = vae_anime.evaluate(c.t.model, images, test_idx, 1.0, 0)["neg_elbo"]
+        c.neg_elbo = vae_anime.evaluate(c.t.model, images, test_idx, 1.0, 0)[0]["neg_elbo"]
     after = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     peaks = {k: max(v, after[k]) for k, v in peaks.items()}
     table = results_table(contestants, peaks, len(train_idx))

@@ -27,9 +27,9 @@ def epoch_seconds(images, cfg, data_key):
     data = vae_anime.Data(images, train_idx, test_idx, {"key": data_key}, None, None, None, None)
     device = torch.device("cpu")
     settings = vae_anime.run_settings(cfg, 1.0, vae_anime.use_bf16(cfg.amp, device), device)
-    t = vae_anime.new_training(settings, data_key, device, vae_anime.Ranks())
+    t = vae_anime.new_training(settings, data_key, device)
     start = time.perf_counter()
-    vae_anime.train_epoch(t, data, vae_anime.Ranks())
+    vae_anime.train_epoch(t, data)
     vae_anime.evaluate(t.model, images, test_idx, 1.0, cfg.seed)
     return time.perf_counter() - start, len(train_idx)
 

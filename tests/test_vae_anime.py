@@ -336,13 +336,13 @@ def tiny_training(amp=False, lr=1e-3):
     settings = vae_anime.RunSettings(kl_weight=1.0, seed=0, image_size=32, latent_dim=8,
                                      batch_size=4, lr=lr, lr_decay=1.0, test_fraction=0.25,
                                      amp=amp, device="cpu", likelihood="logistic-pixel")
-    return vae_anime.new_training(settings, "k", torch.device("cpu"), vae_anime.Ranks())
+    return vae_anime.new_training(settings, "k", torch.device("cpu"))
 
 
 def test_bfloat16_training_step_runs_on_the_cpu_and_changes_the_weights():
     data, t = tiny_data(), tiny_training(amp=True)
     before = [p.detach().clone() for p in t.model.parameters()]
-    sums = vae_anime.train_step(t, data.images, data.train_idx[:4], vae_anime.Ranks())
+    sums = vae_anime.train_step(t, data.images, data.train_idx[:4])
     assert sums.dtype == torch.float64 and torch.isfinite(sums).all()
     assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
@@ -351,7 +351,7 @@ def test_bfloat16_training_step_runs_on_the_cpu_and_changes_the_weights():
 def test_a_diverging_epoch_is_not_saved(tmp_path):
     data, wild = tiny_data(), tiny_training(lr=1e30)
     with pytest.raises(vae_anime.UserError, match="training diverged.*no checkpoint was written"):
-        vae_anime.train(wild, data, 2, vae_anime.Ranks(), tmp_path / "c.pt")
+        vae_anime.train(wild, data, 2, tmp_path / "c.pt")
     assert not (tmp_path / "c.pt").exists()
 
 
@@ -396,14 +396,14 @@ def test_active_units_follow_burda_over_the_whole_test_split():
     model = model_with_one_active_unit()
     images = (torch.rand(10, 3, 32, 32) * 255).to(torch.uint8)
     idx = torch.arange(10)
-    stats = vae_anime.evaluate(model, images, idx, 1.0, seed=0, batch_size=4)
+    stats, per_dim = vae_anime.evaluate(model, images, idx, 1.0, seed=0, batch_size=4)
     with torch.no_grad():
         mu = model.encode((images.float() / 255))[0]
     expected = mu.double().var(0, unbiased=False)
-    assert stats["mu_variance_per_dim"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-9)
+    assert per_dim["mu_variance_per_dim"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-9)
     assert expected[0] > vae_anime.ACTIVE_UNIT_VARIANCE
     assert stats["active_units"] == 1                  # μ_1 never moves: not active ...
-    assert stats["kl_per_dim"][1] == pytest.approx(4.5, rel=1e-4)
+    assert per_dim["kl_per_dim"][1] == pytest.approx(4.5, rel=1e-4)
     assert stats["kl_active_dims"] == 2                # ... although it carries 4.5 nats of KL
 
 
@@ -486,9 +486,9 @@ def test_default_run_writes_every_output(default_run):
         assert all((out / f"lambda_{tag}_{name}.png").exists() for name in FIGURES)
         assert (out / "checkpoints" / f"lambda_{tag}.pt").exists()
     report = (out / "REPORT.md").read_text()
-    assert f"| 1 | {metrics['runs'][0]['test']['neg_elbo']:,.1f} |" in report   # from the run
-    lambda_0_mse = metrics["runs"][2]["test"]["mse"]
-    assert f"| anchor: λ = 0 model |  |  |  | {lambda_0_mse:.4f} |" in report
+    elbo_1 = metrics["yardstick"]["models"]["1"]["elbo_bpd"]
+    assert f"| VAE λ = 1, negative ELBO | {elbo_1:.3f} |" in report              # from the run
+    assert f"| mean training image |  |  |  | {metrics['anchors']['mean_image_mse']:.4f} |" in report
     for needle in ("## Preprocessing", "| layer | output shape | parameters |",
                    "discretized logistic", "lambda_comparison.png", "lambda_100_samples.png",
                    "| enc Conv2d 4×4/2 |"):
@@ -528,7 +528,7 @@ def test_default_run_reports_bits_per_dimension_and_a_verdict(default_run):
     assert (out / "rate_distortion.png").exists()
     for needle in ("negative ELBO in nats / (3,072 · ln 2)", "(k = 8)", "Theis et al. 2016",
                    "headers included", "one per sub-pixel", "Samples shown are the decoder's means",
-                   "| λ | rate (bpd) | distortion (bpd) | active units |",
+                   "| bits per dimension | distortion (bpd) | rate (bpd) | MSE | active units |",
                    "treats the sub-pixels as independent", "95% bootstrap interval"):
         assert needle in report, needle                        # what issue 14 asks of REPORT.md
 
@@ -552,8 +552,8 @@ def test_corrupt_and_small_files_are_named_in_the_log(subset, tmp_path):
     result = run_script("--data-dir", folder, "--out", tmp_path / "out", "--kl-weight", 0,
                         "--epochs", 1)
     assert result.returncode == 0, result.stderr
-    assert "skipped 1 unreadable or corrupt files: broken.jpg" in result.stdout
-    assert "upscaled (blurry): tiny.png" in result.stdout
+    assert "1 unreadable or corrupt files were skipped: broken.jpg" in result.stdout
+    assert "under 32px were upscaled: tiny.png" in result.stdout
     data = json.loads((tmp_path / "out" / "metrics.json").read_text())["data"]
     assert (data["files_found"], data["images"], data["skipped"]) == (42, 41, ["broken.jpg"])
 

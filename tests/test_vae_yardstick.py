@@ -170,9 +170,9 @@ def test_each_verdict_branch_follows_the_interval(shift, word):
     model = strongest + torch.tensor(shift + noise - noise.mean()) * dims   # mean gap −shift
     baselines = {"weak": strongest + dims, "strong": strongest}
     v = vae_anime.verdict(model, baselines, dims, seed=0)
-    assert v.baseline == "strong" and v.claim == word
-    assert v.ci95[0] < v.gap < v.ci95[1]
-    assert v.gap == pytest.approx(-shift)
+    assert v["baseline"] == "strong" and v["claim"] == word
+    assert v["ci95"][0] < v["gap"] < v["ci95"][1]
+    assert v["gap"] == pytest.approx(-shift)
 
 
 # --------------------------------------------------------------------------------------
