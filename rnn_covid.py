@@ -325,8 +325,6 @@ def build_datasets(d, countries_C, cfg):
     return datasets
 
 # ==== Model ===========================================================================
-
-
 class RiseClassifier(torch.nn.Module):
     """A recurrent layer stack read at the last step, then one logit for label 1 tomorrow."""
 
@@ -529,8 +527,6 @@ def choose_model(trained, cfg):
     return chosen, val_acc
 
 # ==== Baselines and metrics ===========================================================
-
-
 @dataclass(frozen=True)
 class Scores:
     """Classification metrics of one method on one split."""
@@ -762,8 +758,6 @@ def evaluate(trained, datasets, cfg):
         MapModel(chosen, ens.gap, ens.ci95, [t.scores["test"].accuracy for t in runs]))
 
 # ==== The run: every step of the method, in order =====================================
-
-
 def run(argv=None):
     """Load -> C -> windows -> train -> choose -> evaluate -> sweep -> map -> report."""
     cfg = build_config(argv)
@@ -869,8 +863,6 @@ def write_outputs(o):
     log.info("wrote %s (total %.0f s)", o.config.out, o.timing["total_s"])
 
 # ==== Appendix A: figures =============================================================
-
-
 def plot_correlations(corr_first10, corr_C, out):
     """Lower-triangle heatmap of the first 10 countries (the assignment's) and clustered C."""
     import seaborn as sns
@@ -1101,8 +1093,6 @@ def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
                     None if reason else str(out_dir / "world_map.png"), reason)
 
 # ==== Appendix C: report ==============================================================
-
-
 def _fmt(v, digits=3):
     return "–" if v is None else f"{v:.{digits}f}"
 

@@ -60,8 +60,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 # ==== Config ==========================================================================
-
-
 def setting(default, doc, **flag):
     """A Config field: its default, its --help text and argparse's keywords for its flag."""
     return field(default=default, metadata={"doc": doc, "flag": flag})
@@ -79,8 +77,10 @@ def checked(kind, ok, must):
 
 
 POSITIVE_INT = checked(int, lambda v: v >= 1, "a positive integer")
-KL_WEIGHT = checked(float, lambda v: v >= 0, "a number >= 0")
 POSITIVE = checked(float, lambda v: v > 0, "> 0")
+KL_WEIGHT = checked(float, lambda v: v >= 0, "a number >= 0")
+FRACTION = checked(float, lambda v: 0 < v < 1, "between 0 and 1")
+SEED = checked(int, lambda v: 0 <= v < 2**31, "from 0 to 2**31 - 1")
 
 
 def kl_weight_list(text):
@@ -93,8 +93,7 @@ def kl_weight_list(text):
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run, built once from the command line by parse_args()."""
-    data_dir: Path = setting(Path("data/anime_faces"), "image folder, searched recursively",
-                             type=Path)
+    data_dir: Path = setting(Path("data/anime_faces"), "folder of images", type=Path)
     out: Path = setting(Path("figures/vae_anime"), "output folder", type=Path)
     cache_dir: Path = setting(None, "decoded-image cache folder (none: OUT/cache)", type=Path)
     image_size: int = setting(32, "image side, a multiple of 32", type=POSITIVE_INT)
@@ -105,16 +104,13 @@ class Config:
     batch_size: int = setting(64, "images per step", type=POSITIVE_INT)
     lr: float = setting(1e-3, "Adam learning rate", type=POSITIVE)
     lr_decay: float = setting(1.0, "learning-rate factor per epoch", type=POSITIVE)
-    test_fraction: float = setting(0.1, "share of images held out for test",
-                                   type=checked(float, lambda v: 0 < v < 1, "between 0 and 1"))
-    seed: int = setting(0, "seed of the split, the weights and every noise draw",
-                        type=checked(int, lambda v: 0 <= v < 2**31, "from 0 to 2**31 - 1"))
+    test_fraction: float = setting(0.1, "share of images held out for test", type=FRACTION)
+    seed: int = setting(0, "seed of the split, the weights and every noise draw", type=SEED)
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda",
                           choices=("auto", "cpu", "cuda"))
     amp: str = setting("auto", "bfloat16 autocast in training (auto: GPUs with native bfloat16)",
                        choices=("auto", "on", "off"), nargs="?", const="on")
-    workers: int = setting(min(2, os.cpu_count() or 1), "image-decoding processes",
-                           type=POSITIVE_INT)
+    workers: int = setting(min(2, os.cpu_count() or 1), "decoding processes", type=POSITIVE_INT)
     resume: bool = setting(False, "continue each λ from OUT/checkpoints", action="store_true")
     likelihood: str = setting("logistic-pixel", "p(x|z): discretized logistic with a log scale "
                               "per sub-pixel, or bernoulli (no bits per dimension)",
@@ -135,7 +131,6 @@ PRESETS = {
                    iw_samples=1000),
 }
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
-ARCHIVE_SUFFIXES = {".tar", ".zip", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 ACTIVE_UNIT_VARIANCE = 0.01      # Burda et al. 2016: active when Var_x(E_q[z_d]) exceeds this
 KL_ACTIVE_NATS = 0.01            # a second, KL-based count: mean KL of the dimension above this
 N_FIXED_TEST, N_SAMPLES = 32, 64  # test images reconstructed, prior draws decoded, for every λ
@@ -188,13 +183,10 @@ def parse_args(argv=None):
 
 
 # ==== Data: decode once into a cached uint8 tensor, split by seed =====================
-
-
 def list_image_files(data_dir):
     if data_dir.is_file():
-        fix = ("extract it and pass the folder" if data_dir.suffix.lower() in ARCHIVE_SUFFIXES
-               else "pass the folder that holds it")
-        raise UserError(f"--data-dir {data_dir} is a file, not a folder of images: {fix}")
+        raise UserError(f"--data-dir {data_dir} is a file, not a folder of images: pass the "
+                        "folder that holds it (or, for an archive, the folder it extracts to)")
     files = sorted(p for p in data_dir.rglob("*")
                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(data_dir).parts))
@@ -241,7 +233,12 @@ def read_square(path, size):
 
 
 def decode_chunk(paths, size):
-    return [read_square(path, size) for path in paths]
+    """Some files -> their readable images stacked (a worker sends one tensor, not one per
+    image: each holds a file descriptor) and (readable, upscaled) for each file."""
+    results = [read_square(path, size) for path in paths]
+    images = [image for image, _ in results if image is not None]
+    stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return stacked, [(image is not None, upscaled) for image, upscaled in results]
 
 
 def ignore_signals(worker_id):
@@ -251,9 +248,8 @@ def ignore_signals(worker_id):
 
 
 def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
-    """All images as an N×3×size×size uint8 tensor, from the cache while its key matches, else
-    decoded in chunks of 500 (by `workers` processes from 2,000 files on: below, they cost more
-    than they save)."""
+    """All images as an N×3×size×size uint8 tensor: from the cache while its key matches, else
+    decoded in chunks of 500 (by `workers` processes from 2,000 files on: they cost more below)."""
     files = list_image_files(data_dir)
     key, cache_path = file_list_key(files, data_dir, size), cache_dir / f"images_{size}px.pt"
     start = time.perf_counter()
@@ -266,16 +262,15 @@ def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
     loader = torch.utils.data.DataLoader(
         files, batch_size=500, num_workers=0 if workers == 1 else workers,
         collate_fn=functools.partial(decode_chunk, size=size), worker_init_fn=ignore_signals)
-    results = [r for chunk in tqdm(loader, desc="decoding", leave=False, disable=None)
-               for r in chunk]
+    chunks = list(tqdm(loader, desc="decoding", leave=False, disable=None))
+    images, flags = torch.cat([c[0] for c in chunks]), [f for c in chunks for f in c[1]]
     names = [str(p.relative_to(data_dir)) for p in files]
-    skipped = [name for name, (image, _) in zip(names, results) if image is None]
-    if len(skipped) == len(files):
+    if not len(images):
         raise UserError(f"none of the {len(files)} image files in {data_dir} could be decoded "
                         f"(e.g. {name_some(names, 3)}): replace them or run `make data`")
-    images = torch.stack([image for image, _ in results if image is not None])
     info = {"folder": str(data_dir), "files_found": len(files), "images": len(images),
-            "skipped": skipped, "upscaled": [n for n, (_, up) in zip(names, results) if up],
+            "skipped": [n for n, (ok, _) in zip(names, flags) if not ok],
+            "upscaled": [n for n, (_, up) in zip(names, flags) if up],
             "image_size": size, "key": key, "decode_workers": workers}
     seconds = time.perf_counter() - start
     try:
@@ -347,8 +342,6 @@ def name_some(names, limit=5):
 
 
 # ==== Model and loss ==================================================================
-
-
 def seed_layer(kind, c_in, c_out, side):
     """The seed's 4×4 / stride 2 / padding 1 nn.Conv2d or nn.ConvTranspose2d on a side² input."""
     layer = kind(c_in, c_out, 4, stride=2, padding=1)
@@ -364,8 +357,7 @@ def seed_layer(kind, c_in, c_out, side):
 
 
 class VAE(nn.Module):
-    """Stride-2 convolutions -> (μ, log σ²) of a Gaussian latent -> a mirrored decoder.
-    The only place that knows the layers: the report and the image-size check read them here."""
+    """Stride-2 convolutions -> (μ, log σ²) of a Gaussian latent -> a mirrored decoder."""
 
     def __init__(self, latent_dim=128, image_size=32, channels=(32, 64, 128, 256, 512),
                  likelihood="logistic-pixel"):
@@ -450,11 +442,6 @@ RunSettings = dataclasses.make_dataclass("RunSettings", [
     frozen=True)
 
 
-def run_settings(cfg, kl_weight, bf16, device):
-    return RunSettings(kl_weight, bf16, device.type,
-                       **{name: getattr(cfg, name) for name in TRAINING_SETTINGS})
-
-
 @dataclass
 class Training:
     """One λ's VAE in training: what a step needs and how far it has come."""
@@ -474,36 +461,26 @@ PROGRESS = ("epoch", "history", "train_seconds")     # the Training fields a che
 
 
 def use_bf16(amp, device):
-    """--amp auto: bfloat16 on GPUs with native bfloat16 only (emulated, as on a T4, is slow; on
-    the CPU oneDNN's was slower than float32: docs/vae_anime.md)."""
+    """--amp auto: bfloat16 only on GPUs with native bfloat16 (docs/vae_anime.md, Precision)."""
     return amp == "on" if amp != "auto" else (
         device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def memory_format(device):
-    """channels_last lets cuDNN skip layout conversions; on the CPU it measured slower."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
 def new_training(settings, data_key, device):
     torch.manual_seed(settings.seed)            # the same initial weights for every λ
-    model = VAE(settings.latent_dim, settings.image_size, likelihood=settings.likelihood)
-    model = model.to(device, memory_format=memory_format(device))
-    return Training(settings, data_key, model, data_parallel(model, device),
+    model = VAE(settings.latent_dim, settings.image_size, likelihood=settings.likelihood).to(device)
+    # Under torchrun a step calls DDP, which averages the gradients over the processes.
+    net = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Training(settings, data_key, model, net,
                     torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True),
                     torch.Generator(device=device).manual_seed(settings.seed + 1))
 
 
-def save_checkpoint(t, path):
-    save_torch_atomically({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-                           "settings": dataclasses.asdict(t.settings), "data_key": t.data_key,
-                           "noise_rng": t.noise_gen.get_state(),
-                           **{name: getattr(t, name) for name in PROGRESS}}, path)
-
-
 def start_or_resume(cfg, kl_weight, data_key, device, bf16):
     """A new training, or with --resume the checkpoint's, checked against settings and data."""
-    settings = run_settings(cfg, kl_weight, bf16, device)
+    settings = RunSettings(kl_weight, bf16, device.type,
+                           **{name: getattr(cfg, name) for name in TRAINING_SETTINGS})
     path = checkpoint_path(cfg.out, kl_weight)
     t = new_training(settings, data_key, device)
     if not (cfg.resume and path.exists()):
@@ -541,14 +518,17 @@ def train(t, data, epochs, ckpt_path):
         seconds = time.perf_counter() - start
         t.epoch, t.train_seconds = t.epoch + 1, t.train_seconds + seconds
         t.history.append({"epoch": t.epoch, "train": train_stats, "test": test})
-        if is_main():
-            save_checkpoint(t, ckpt_path)
+        if is_main():                        # everything a resume needs
+            save_torch_atomically({
+                "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                "settings": dataclasses.asdict(s), "data_key": t.data_key,
+                "noise_rng": t.noise_gen.get_state(), **{k: getattr(t, k) for k in PROGRESS}},
+                ckpt_path)
         t.checkpointed = True
-        log.info(f"λ={weight_tag(s.kl_weight):>4} epoch {t.epoch:>3}/{epochs}  "
-                 f"train obj {train_stats['objective']:8.1f} "
-                 f"neg-ELBO {train_stats['neg_elbo']:7.1f} | test obj {test['objective']:8.1f} "
-                 f"neg-ELBO {test['neg_elbo']:7.1f} recon {test['recon']:7.1f} "
-                 f"KL {test['kl']:6.1f}  ({seconds:.0f} s)")
+        log.info(f"λ={weight_tag(s.kl_weight):>4} epoch {t.epoch:>3}/{epochs}  train obj "
+                 f"{train_stats['objective']:8.1f} | test obj {test['objective']:8.1f} neg-ELBO "
+                 f"{test['neg_elbo']:7.1f} recon {test['recon']:7.1f} KL {test['kl']:6.1f}  "
+                 f"({seconds:.0f} s)")
     return t
 
 
@@ -571,14 +551,12 @@ def train_epoch(t, data):
 
 
 def train_step(t, images, batch):
-    """One step on this process's share of the global batch `batch` (image indices); returns the
-    share's summed objective, recon and KL on the device, without a host sync."""
+    """One step on this process's share of `batch`: its summed objective, recon and KL, unsynced."""
     s, device, (rank, world) = t.settings, images.device, rank_and_world()
     noise = torch.randn((len(batch), s.latent_dim), generator=t.noise_gen, device=device)
     x = images[batch[rank::world]].float() / 255
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.amp):
-        logits, mu, logvar = t.net(x.contiguous(memory_format=memory_format(device)),
-                                   noise[rank::world])
+        logits, mu, logvar = t.net(x, noise[rank::world])
     recon, kl = loss_terms(logits, x, mu, logvar, s.likelihood)
     objective = recon + s.kl_weight * kl
     # This rank's share of the global batch mean; DDP averages the ranks' gradients.
@@ -603,13 +581,10 @@ def refuse_non_finite(t, stats, ckpt_path):
 
 
 # ==== Evaluation and pictures =========================================================
-
-
 @torch.no_grad()
 def evaluate(model, images, idx, kl_weight, seed, batch_size=512):
-    """In float32 with one seeded noise draw: objective, neg-ELBO, recon, KL, MSE of the
-    posterior mean's reconstruction, KL per latent dimension and active units (Burda et al.
-    2016); under torchrun each process takes a share."""
+    """Test statistics in float32 with one seeded noise draw, and the KL and the variance of the
+    posterior mean per latent dimension; under torchrun each process takes a share."""
     model.eval()
     d, device, (rank, world) = model.to_moments.out_features // 2, images.device, rank_and_world()
     noise_gen = torch.Generator(device=device).manual_seed(seed)
@@ -743,16 +718,15 @@ def measure_yardstick(cfg, data, entries, lambda_1):
                                             "distortion_bpd": e["test"]["recon"] * per_nat,
                                             "rate_bpd": e["test"]["kl"] * per_nat} for e in entries}
     yardstick = Yardstick(
-        cfg.likelihood, dims, {name: b.mean().item() / dims for name, b in baselines.items()}, models,
-        None if iw is None else {"k": cfg.iw_samples, "bpd": iw.mean().item() / dims},
+        cfg.likelihood, dims, {name: b.mean().item() / dims for name, b in baselines.items()},
+        models, None if iw is None else {"k": cfg.iw_samples, "bpd": iw.mean().item() / dims},
         None if iw is None else verdict(iw, baselines, dims, cfg.seed))
     return yardstick, {"iw_s": iw_s, "baselines_s": time.perf_counter() - start - iw_s}
 
 
 @torch.no_grad()
 def run_pictures(model, fixed_test, z):
-    """Reconstructions (posterior means), samples and interpolation rows (two test images
-    with N_STEPS decoded points between their posterior means), on the CPU."""
+    """Reconstructions, samples and interpolation rows (decoder means), on the CPU."""
     model.eval()
     recons = model.decode(model.encode(fixed_test)[0])
     samples = model.decode(z)
@@ -773,28 +747,14 @@ def edge_energy(x):
 
 def picture_stats(pictures, fixed_test, mean_image):
     """Sharpness relative to the real images, and how close samples sit to the mean face."""
-    real = edge_energy(fixed_test)
-    samples = pictures["samples"]
+    real, samples = edge_energy(fixed_test), pictures["samples"]
     return {"recon_sharpness": edge_energy(pictures["recons"]) / real,
             "sample_sharpness": edge_energy(samples) / real,
             "sample_mse_to_mean_image": (samples - mean_image).pow(2).mean().item(),
             "sample_pixel_std": samples.std(0).mean().item()}
 
 
-def finish_run(t, test, per_dim, data, out):
-    """Write the figures of a trained λ; returns its metrics entry and its pictures."""
-    w = t.settings.kl_weight
-    pictures = run_pictures(t.model, data.fixed_test, data.z)
-    dims = None if t.settings.likelihood == "bernoulli" else data.fixed_test[0].numel()
-    write_run_figures(out, w, t.history, pictures, data.fixed_test, per_dim, dims)
-    return {"kl_weight": w, "epochs": t.epoch, "test": test, **per_dim,
-            "pictures": picture_stats(pictures, data.fixed_test.float().cpu(), data.mean_image),
-            "history": t.history}, pictures
-
-
 # ==== Main: the steps of a run ========================================================
-
-
 def main(argv=None):
     return exit_code(run, parse_args(argv))
 
@@ -843,8 +803,13 @@ def train_every_weight(cfg, data, device, bf16):
         test, per_dim = evaluate(t.model, data.images, data.test_idx, w, cfg.seed)
         train_s[weight_tag(w)] = t.train_seconds
         if is_main():
-            entry, pictures[w] = finish_run(t, test, per_dim, data, cfg.out)
-            entries.append(entry)
+            pictures[w] = run_pictures(t.model, data.fixed_test, data.z)
+            write_run_figures(cfg.out, w, t.history, pictures[w], data.fixed_test, per_dim,
+                              None if cfg.likelihood == "bernoulli" else data.images[0].numel())
+            entries.append({"kl_weight": w, "epochs": t.epoch, "test": test, **per_dim,
+                            "pictures": picture_stats(pictures[w], data.fixed_test.cpu(),
+                                                      data.mean_image),
+                            "history": t.history})
         lambda_1 = t.model if w == 1 else lambda_1        # for the importance-weighted bound
     return entries, pictures, train_s, lambda_1
 
@@ -873,8 +838,7 @@ def write_summary(cfg, data, entries, pictures, yardstick, timing):
 
 
 def summarise(x):
-    """x as metrics.json holds it: floats rounded (deterministically: identical runs stay
-    identical), paths as text, tuples as lists."""
+    """x as metrics.json holds it: floats rounded (identical runs stay identical), paths as text."""
     if isinstance(x, float):
         return round(x, 5)
     if isinstance(x, dict):
@@ -885,8 +849,6 @@ def summarise(x):
 
 
 # ==== Appendix A: figures =============================================================
-
-
 def show_grid(ax, images, nrow, title):
     grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=1, pad_value=1)  # white gutters
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
@@ -1003,8 +965,6 @@ def plot_rate_distortion(y, path):
 
 
 # ==== Appendix B: the report (its long explanations are in docs/vae_anime.md) =========
-
-
 def fmt(x, digits=1):
     return "–" if x is None else f"{x:,.{digits}f}"
 
@@ -1012,35 +972,6 @@ def fmt(x, digits=1):
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def architecture_table(model, image_size):
-    """(layer, output shape, parameters) rows, traced through the model with one dummy image."""
-    rows = [("input image", (3, image_size, image_size), 0)]
-
-    def walk(layers, x, prefix):
-        for layer in layers:
-            x, name = layer(x), type(layer).__name__
-            if hasattr(layer, "kernel_size"):
-                name += f" {layer.kernel_size[0]}×{layer.kernel_size[1]}/{layer.stride[0]}"
-            if isinstance(layer, nn.LeakyReLU):
-                name += f" {layer.negative_slope:g}"
-            if not isinstance(layer, nn.Flatten):
-                rows.append((prefix + name, tuple(x.shape[1:]),
-                             sum(p.numel() for p in layer.parameters())))
-        return x
-
-    with torch.no_grad():
-        h = walk(model.encoder, torch.zeros(1, 3, image_size, image_size), "enc ")
-        walk([model.to_moments], h, "enc (μ, log σ²) ")
-        z = torch.zeros(1, model.to_moments.out_features // 2)
-        rows.append(("z = μ + σ·ε", tuple(z.shape[1:]), 0))
-        out = walk(model.decoder, z, "dec ")
-        walk([model.output], out[:, :3], "dec means: ")
-        if out.shape[1] > 3:
-            rows.append(("dec log scales: channels 4-6, one per sub-pixel, for the likelihood "
-                         "(not in the seed)", (3, *out.shape[2:]), 0))
-    return rows
 
 
 def build_report(metrics, model, out):
@@ -1069,9 +1000,10 @@ and {data['test']:,} test images.
 
 
 def model_section(metrics, model):
-    cfg, rows = metrics["config"], architecture_table(model, metrics["config"]["image_size"])
-    table = markdown_table(["layer", "output shape", "parameters"],
-                           [(n, "×".join(map(str, s)), f"{p:,}") for n, s, p in rows])
+    cfg = metrics["config"]
+    scales = (" Its last layer has 6 output channels, not the seed's 3: the means and the log "
+              "scales of the likelihood, one per sub-pixel." if cfg["likelihood"] != "bernoulli"
+              else "")
     decay = f", × {cfg['lr_decay']} after each epoch" if cfg["lr_decay"] != 1 else ""
     likelihood = (
         "**Bernoulli** (binary cross-entropy), the assignment's convention; its minimum is the "
@@ -1081,10 +1013,13 @@ def model_section(metrics, model):
         "negative ELBO is a code length of the 8-bit images")
     return f"""## Model and loss
 
-{sum(p for _, _, p in rows):,} parameters, as traced through the model; a 2×2/1 layer is the
-seed's 4×4/2 one on a 2×2 (or 1×1) side, where only its centre taps meet the image.
+The model as PyTorch prints it, {sum(p.numel() for p in model.parameters()):,} parameters. A \
+2×2 / stride 1 layer is the seed's 4×4 / stride 2 one on a 2×2 (or 1×1) side, where only its centre
+taps meet the image.{scales}
 
-{table}
+```
+{model}
+```
 
 Loss per image: reconstruction summed over its values plus λ·KL(q(z|x) ‖ N(0, I)) summed over
 the latent dimensions, averaged over the batch. The likelihood is {likelihood}. Fused Adam,
@@ -1094,8 +1029,7 @@ posterior sample per image; MSE and reconstructions use the posterior mean.
 
 
 def results_table(metrics):
-    """The baselines and every λ in one table: bits per dimension (nats per image under a
-    Bernoulli), the bound's distortion and rate, the MSE and how much of z each λ uses."""
+    """The baselines and every λ in one table, in bits per dimension (nats under a Bernoulli)."""
     y, latent, anchors = metrics["yardstick"], metrics["config"]["latent_dim"], metrics["anchors"]
     unit, scale, digits = ("bpd", bits_per_dim(1, y["dims"]), 3) if y else ("nats", 1, 1)
     rows = [(name, fmt(bpd, 3), *[""] * 6) for name, bpd in (y["baselines"] if y else {}).items()]
@@ -1172,7 +1106,12 @@ def kl_section(metrics):
 
 def kl_lines(runs, y):
     """What follows from the numbers alone (docs/vae_anime.md reads the default run's)."""
-    lines = [best_elbo_line(runs)]
+    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
+    why = (", as expected: only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
+           else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
+           if 1.0 in runs else ".")
+    lines = [f"- The lowest test negative ELBO is at λ = {weight_tag(best['kl_weight'])}: "
+             f"{fmt(best['test']['neg_elbo'])} nats/image{why}"]
     if y and y["iw"]:
         gauss, bound = y["baselines"]["Gaussian, full covariance"], y["iw"]["bpd"]
         histogram = y["baselines"]["histogram per sub-pixel"]
@@ -1185,15 +1124,6 @@ def kl_lines(runs, y):
             f"{fmt(gauss, 3)} bits per dimension against λ = 1's {fmt(bound, 3)}"
             + (", fewer." if gauss < bound else ", more."))
     return lines
-
-
-def best_elbo_line(runs):
-    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
-    why = (", as expected: only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
-           else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
-           if 1.0 in runs else ".")
-    return (f"- The lowest test negative ELBO is at λ = {weight_tag(best['kl_weight'])}: "
-            f"{fmt(best['test']['neg_elbo'])} nats/image{why}")
 
 
 def figures_section(runs, out):
@@ -1211,8 +1141,6 @@ def figures_section(runs, out):
 
 
 # ==== Appendix C: this script's own plumbing (names, torchrun, signals) ===============
-
-
 def weight_tag(kl_weight):
     return f"{kl_weight:g}"
 
@@ -1261,14 +1189,6 @@ def process_group(device_name):
         dist.barrier()      # rank 0 still writes: a gloo rank that left first was seen to abort
     finally:
         dist.destroy_process_group()
-
-
-def data_parallel(model, device):
-    """What training calls: DDP (gradients all-reduced) under torchrun, else the model."""
-    if not dist.is_initialized():
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
-                                               if device.type == "cuda" else None)
 
 
 def sum_across(tensor):
