@@ -7,19 +7,18 @@ likelihood), each from the same seed, split, initial weights and epochs; then sc
 test bits per dimension beside density baselines and lossless codecs.
 
     python vae_anime.py                          # λ = 1, 100, 0 (2 CPU cores: about 8 min)
-    python vae_anime.py --kl-weight 1 --epochs 3 # one λ
+    python vae_anime.py --kl-weights 1 --epochs 3 # one λ
     python vae_anime.py --resume                 # continue from the checkpoints
     python vae_anime.py --preset long            # 64×64, 100 epochs: for a GPU (bfloat16 there)
     torchrun --nproc_per_node=N vae_anime.py     # one VAE per λ, data-parallel over N processes
     python vae_anime.py --help                   # every flag, its default, what each preset sets
 
-Writes into --out (default figures/vae_anime/; under torchrun rank 0 alone): REPORT.md,
+Writes into --out (default figures/vae_anime/; under torchrun rank 0 alone) REPORT.md,
 metrics.json, lambda_<λ>_{learning_curve,reconstructions,samples,interpolations,active_units,
-kl_per_dim}.png, lambda_comparison.png, rate_distortion.png, checkpoints/lambda_<λ>.pt (at each
-epoch's end, all a resume needs) and cache/images_<size>px.pt (the decoded images). Each file
-is written under a temporary name and renamed into place. Bad input or a diverging loss: one
-line naming the problem and its fix, exit code 2. Ctrl-C or SIGTERM: exit code 130, and the
-checkpoints keep each λ's last finished epoch.
+kl_per_dim}.png, lambda_comparison.png, rate_distortion.png, checkpoints/lambda_<λ>.pt (each
+epoch's end: all a resume needs) and cache/images_<size>px.pt, each under a temporary name
+renamed into place. Bad input or a diverging loss: one line naming the problem and its fix,
+exit code 2. Ctrl-C or SIGTERM: exit code 130; the checkpoints keep each λ's last epoch.
 """
 import argparse
 import contextlib
@@ -95,7 +94,6 @@ class Config:
     """Every setting of a run, built once from the command line by parse_args()."""
     data_dir: Path = setting(Path("data/anime_faces"), "folder of images", type=Path)
     out: Path = setting(Path("figures/vae_anime"), "output folder", type=Path)
-    cache_dir: Path = setting(None, "decoded-image cache folder (none: OUT/cache)", type=Path)
     image_size: int = setting(32, "image side, a multiple of 32", type=POSITIVE_INT)
     latent_dim: int = setting(128, "dimensions of z", type=POSITIVE_INT)
     kl_weights: tuple = setting((1.0, 100.0, 0.0), "KL weights λ, one model each",
@@ -119,10 +117,6 @@ class Config:
     iw_samples: int = setting(50, "samples per test image of λ = 1's importance-weighted bound",
                               type=POSITIVE_INT)
 
-    @property
-    def cache_folder(self):
-        return self.cache_dir or self.out / "cache"
-
 
 PRESETS = {
     "default": Config(),
@@ -138,8 +132,7 @@ N_PAIRS, N_STEPS = 4, 10         # interpolations: 4 pairs of test images, 10 st
 CACHE_FORMAT = 2                 # bump when the decoding below changes
 NOT_IN_METRICS = ("resume", "workers")   # settings that do not change a single number
 LEVELS = 256                     # values of an 8-bit sub-pixel, stored as x / 255
-# As wide as the training pixels' spread around the mean image (RMS 0.23): from 0 Adam would
-# need thousands of steps to get there.
+# The pixels' spread around the mean image (RMS 0.23): from 0, Adam needs thousands of steps.
 INITIAL_LOG_SCALE = math.log(0.23 * math.sqrt(3) / math.pi)
 IW_DECODES = 256                 # decoder samples per batch of the importance-weighted bound
 BOOTSTRAP_RESAMPLES = 10_000
@@ -148,33 +141,23 @@ CODECS = {"PNG": {"format": "PNG", "optimize": True},
           "WebP lossless": {"format": "WEBP", "lossless": True, "method": 4, "quality": 0}}
 
 
-def flag_help(f):
-    """A field's doc, its default and the value of every preset that changes it."""
-    def show(cfg):
-        value = getattr(cfg, f.name)
-        return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
-    changed = "".join(f"; preset {name}: {show(cfg)}" for name, cfg in PRESETS.items()
-                      if show(cfg) != show(PRESETS["default"]))
-    return f"{f.metadata['doc']} (default: {show(PRESETS['default'])}{changed})"
-
-
 def parse_args(argv=None):
-    """The command line -> a Config (every flag is a Config field, plus --preset, --kl-weight)."""
+    """The command line -> a Config (every flag is a Config field, plus --preset);
+    a flag's help gives its default and the value of every preset that changes it."""
+    def show(cfg, name):
+        value = getattr(cfg, name)
+        return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=list(PRESETS), default="default",
                    help="named settings the flags below override (default: default)")
     for f in dataclasses.fields(Config):
-        metavar = {} if "action" in f.metadata["flag"] else {"metavar": f.name.upper()}
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=flag_help(f),
-                       **metavar, **f.metadata["flag"])
-    p.add_argument("--kl-weight", type=KL_WEIGHT, help="train a single λ (overrides "
-                   "--kl-weights; default: none)")
+        presets = "".join(f"; preset {name}: {show(cfg, f.name)}" for name, cfg in PRESETS.items()
+                          if show(cfg, f.name) != show(Config(), f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **f.metadata["flag"],
+                       help=f"{f.metadata['doc']} (default: {show(Config(), f.name)}{presets})")
     args = vars(p.parse_args(argv))
-    preset, single = PRESETS[args.pop("preset")], args.pop("kl_weight")
-    given = {name: value for name, value in args.items() if value is not None}
-    if single is not None:
-        given["kl_weights"] = (single,)
-    cfg = dataclasses.replace(preset, **given)
+    preset = PRESETS[args.pop("preset")]
+    cfg = dataclasses.replace(preset, **{k: v for k, v in args.items() if v is not None})
     try:
         VAE(cfg.latent_dim, cfg.image_size)          # the model says which sizes fit it
     except ValueError as err:
@@ -207,21 +190,17 @@ def file_list_key(files, data_dir, size):
     return digest.hexdigest()
 
 
-def decode_rgb(data):
-    """Encoded bytes -> 3×H×W uint8 RGB; transparent pixels become white, not black."""
-    # Only gray/RGB + alpha files take the RGBA path: torchvision's RGBA of a palette PNG
-    # without transparency is garbage, so palettes keep their colours.
-    if data[:2].tolist() == [0xFF, 0xD8] or decode_image(data).shape[0] not in (2, 4):
-        return decode_image(data, mode=ImageReadMode.RGB)
-    rgba = decode_image(data, mode=ImageReadMode.RGB_ALPHA).float()
-    alpha = rgba[3:] / 255
-    return (rgba[:3] * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
-
-
 def read_square(path, size):
-    """One file -> (size×size RGB uint8 tensor, or None if unreadable; whether it was upscaled)."""
+    """One file -> (size×size RGB uint8 tensor, or None if unreadable; whether it was upscaled).
+    Transparent pixels become white, not black."""
     try:
-        image = decode_rgb(read_file(str(path)))
+        data = read_file(str(path))
+        # Only gray/RGB + alpha go via RGBA: torchvision's RGBA of an opaque palette is garbage.
+        if data[:2].tolist() == [0xFF, 0xD8] or decode_image(data).shape[0] not in (2, 4):
+            image = decode_image(data, mode=ImageReadMode.RGB)
+        else:
+            rgba = decode_image(data, mode=ImageReadMode.RGB_ALPHA).float()
+            image = (rgba[:3] * rgba[3:] / 255 + 255 - rgba[3:]).round().to(torch.uint8)
     except RuntimeError:
         return None, False
     side = min(image.shape[1:])        # centre square, so non-square pictures are not squashed
@@ -278,7 +257,7 @@ def load_images(data_dir, size, cache_dir, workers=1, write_cache=True):
             save_torch_atomically({"key": key, "images": images, "info": info}, cache_path)
     except OSError as err:      # the images are in memory; only the next run pays again
         log.warning(f"warning: could not write the image cache {cache_path} "
-                    f"({err.strerror or err}); pass a writable --cache-dir")
+                    f"({err.strerror or err})")
     return images, dict(info, cache="built", seconds=seconds)
 
 
@@ -309,7 +288,7 @@ def prepare_data(cfg, device):
     """Under torchrun rank 0 builds the cache while the others wait, then they read it."""
     if not is_main():
         barrier()
-    images, info = load_images(cfg.data_dir, cfg.image_size, cfg.cache_folder, cfg.workers,
+    images, info = load_images(cfg.data_dir, cfg.image_size, cfg.out / "cache", cfg.workers,
                                write_cache=is_main())
     if is_main():
         barrier()
@@ -432,7 +411,6 @@ def kl_per_dimension(mu, logvar):
 
 
 # ==== Training ========================================================================
-
 TRAINING_SETTINGS = ("seed", "image_size", "latent_dim", "batch_size", "lr", "lr_decay",
                      "test_fraction", "likelihood")
 # What defines one λ's training: a checkpoint made with other settings is not resumed.
@@ -440,6 +418,7 @@ RunSettings = dataclasses.make_dataclass("RunSettings", [
     ("kl_weight", float), ("amp", bool), ("device", str),      # bfloat16 autocast; cpu or cuda
     *((f.name, f.type) for f in dataclasses.fields(Config) if f.name in TRAINING_SETTINGS)],
     frozen=True)
+PROGRESS = ("epoch", "history", "train_seconds")     # the Training fields a checkpoint keeps
 
 
 @dataclass
@@ -457,15 +436,6 @@ class Training:
     checkpointed: bool = False   # whether its checkpoint file holds this training's state
 
 
-PROGRESS = ("epoch", "history", "train_seconds")     # the Training fields a checkpoint keeps
-
-
-def use_bf16(amp, device):
-    """--amp auto: bfloat16 only on GPUs with native bfloat16 (docs/vae_anime.md, Precision)."""
-    return amp == "on" if amp != "auto" else (
-        device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
-
-
 def new_training(settings, data_key, device):
     torch.manual_seed(settings.seed)            # the same initial weights for every λ
     model = VAE(settings.latent_dim, settings.image_size, likelihood=settings.likelihood).to(device)
@@ -477,11 +447,10 @@ def new_training(settings, data_key, device):
                     torch.Generator(device=device).manual_seed(settings.seed + 1))
 
 
-def start_or_resume(cfg, kl_weight, data_key, device, bf16):
+def start_or_resume(cfg, kl_weight, data_key, device, bf16, path):
     """A new training, or with --resume the checkpoint's, checked against settings and data."""
     settings = RunSettings(kl_weight, bf16, device.type,
                            **{name: getattr(cfg, name) for name in TRAINING_SETTINGS})
-    path = checkpoint_path(cfg.out, kl_weight)
     t = new_training(settings, data_key, device)
     if not (cfg.resume and path.exists()):
         return t
@@ -559,10 +528,9 @@ def train_step(t, images, batch):
         logits, mu, logvar = t.net(x, noise[rank::world])
     recon, kl = loss_terms(logits, x, mu, logvar, s.likelihood)
     objective = recon + s.kl_weight * kl
-    # This rank's share of the global batch mean; DDP averages the ranks' gradients.
-    loss = objective.sum() * (world / len(batch))
     t.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # This rank's share of the global batch mean; DDP averages the ranks' gradients.
+    (objective.sum() * (world / len(batch))).backward()
     t.optimizer.step()
     return torch.stack([objective.sum(), recon.sum(), kl.sum()]).detach().double()
 
@@ -590,8 +558,7 @@ def evaluate(model, images, idx, kl_weight, seed, batch_size=512):
     noise_gen = torch.Generator(device=device).manual_seed(seed)
     totals = torch.zeros(3, dtype=torch.float64, device=device)        # recon, KL, MSE
     per_dim = torch.zeros(3, d, dtype=torch.float64, device=device)    # KL, μ, μ²
-    for start in range(0, len(idx), batch_size):
-        chunk = idx[start:start + batch_size]
+    for chunk in idx.split(batch_size):
         noise = torch.randn((len(chunk), d), generator=noise_gen, device=device)
         x, noise = images[chunk[rank::world]].float() / 255, noise[rank::world]
         with torch.autocast(device.type, enabled=False):
@@ -762,18 +729,20 @@ def main(argv=None):
 def run(cfg):
     signal.signal(signal.SIGTERM, signal.default_int_handler)     # SIGTERM stops as Ctrl-C does
     with process_group(cfg.device) as device:
-        started, load_before = time.perf_counter(), os.getloadavg()[0]
+        started, load_before, world = time.perf_counter(), os.getloadavg()[0], rank_and_world()[1]
         matplotlib.use("Agg")                # figures go to files, even where a display exists
-        bf16, world = use_bf16(cfg.amp, device), rank_and_world()[1]
+        # --amp auto: bfloat16 only on GPUs with native bfloat16 (docs/vae_anime.md, Precision).
+        bf16 = cfg.amp == "on" if cfg.amp != "auto" else (
+            device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
         torch.backends.cudnn.allow_tf32 = False     # float32 means float32 on cuDNN too
         if is_main():
             check_writable(cfg.out)
         seed_everything(cfg.seed)
         data = prepare_data(cfg, device)
         log.info(f"device {device} ({'bfloat16 autocast' if bf16 else 'float32'}, {world} "
-                 f"process{'es' if world > 1 else ''}); {len(data.train_idx)} train / "
-                 f"{len(data.test_idx)} test images; "
-                 f"λ = {', '.join(map(weight_tag, cfg.kl_weights))}; {cfg.epochs} epochs each")
+                 f"process{'es' * (world > 1)}); {len(data.train_idx)} train / "
+                 f"{len(data.test_idx)} test images; {cfg.epochs} epochs for each λ of "
+                 f"{', '.join(map(weight_tag, cfg.kl_weights))}")
         try:
             entries, pictures, train_s, lambda_1 = train_every_weight(cfg, data, device, bf16)
         except KeyboardInterrupt:            # the first Ctrl-C or SIGTERM, in one place
@@ -798,8 +767,9 @@ def train_every_weight(cfg, data, device, bf16):
     """Train (or resume), evaluate and draw one VAE per λ."""
     entries, pictures, train_s, lambda_1 = [], {}, {}, None
     for w in cfg.kl_weights:
-        t = start_or_resume(cfg, w, data.info["key"], device, bf16)
-        train(t, data, cfg.epochs, checkpoint_path(cfg.out, w))
+        path = cfg.out / "checkpoints" / f"lambda_{weight_tag(w)}.pt"
+        t = start_or_resume(cfg, w, data.info["key"], device, bf16, path)
+        train(t, data, cfg.epochs, path)
         test, per_dim = evaluate(t.model, data.images, data.test_idx, w, cfg.seed)
         train_s[weight_tag(w)] = t.train_seconds
         if is_main():
@@ -820,7 +790,7 @@ def write_summary(cfg, data, entries, pictures, yardstick, timing):
     lambda_0 = next((e for e in entries if e["kl_weight"] == 0), None)
     metrics = summarise({
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                   if f.name not in NOT_IN_METRICS} | {"cache_dir": cfg.cache_folder},
+                   if f.name not in NOT_IN_METRICS},
         "data": {k: v for k, v in data.info.items() if k not in ("cache", "seconds",
                                                                   "decode_workers")}
         | {"train": len(data.train_idx), "test": len(data.test_idx)},
@@ -867,9 +837,8 @@ def plot_learning_curve(history, kl_weight, path, dims=None):
     epochs, unit = [h["epoch"] for h in history], "bits/dim" if dims else "nats/image"
     scale = bits_per_dim(1, dims) if dims else 1
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"),
-                              ("negative ELBO (λ = 1)", "distortion (recon)",
-                               "rate KL(q(z|x) ‖ N(0, I))")):
+    titles = ("negative ELBO (λ = 1)", "distortion (recon)", "rate KL(q(z|x) ‖ N(0, I))")
+    for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"), titles):
         ax.plot(epochs, [h["train"][key] * scale for h in history], "o-", label="train")
         ax.plot(epochs, [h["test"][key] * scale for h in history], "s--", label="test")
         if key == "neg_elbo" and kl_weight != 1:
@@ -879,8 +848,7 @@ def plot_learning_curve(history, kl_weight, path, dims=None):
         ax.set(xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Learning curve, λ = {weight_tag(kl_weight)} "
-                 "(train: running mean over the epoch)")
+    fig.suptitle(f"Learning curve, λ = {weight_tag(kl_weight)} (train: the epoch's running mean)")
     fig.tight_layout()
     save_figure_atomically(fig, path)
 
@@ -900,12 +868,10 @@ def plot_per_dimension(values, threshold, title, axis, path):
 
 
 def plot_comparison(pictures_by_weight, fixed_test, path):
-    weights = list(pictures_by_weight)
-    fig, axes = plt.subplots(3, len(weights), figsize=(4.2 * len(weights), 9.5), squeeze=False,
+    cols, n = len(pictures_by_weight), min(8, len(fixed_test))
+    fig, axes = plt.subplots(3, cols, figsize=(4.2 * cols, 9.5), squeeze=False,
                              gridspec_kw={"height_ratios": [6, 4, 1.4]})
-    n = min(8, len(fixed_test))
-    for col, w in enumerate(weights):
-        pics = pictures_by_weight[w]
+    for col, (w, pics) in enumerate(pictures_by_weight.items()):
         show_grid(axes[0, col], pics["samples"][:36], 6, f"λ = {weight_tag(w)}: samples")
         show_grid(axes[1, col], torch.cat([fixed_test[:n], pics["recons"][:n]]), n // 2 or 1,
                   "test images (top) / reconstructions")
@@ -938,10 +904,9 @@ def write_run_figures(out, kl_weight, history, pictures, fixed_test, per_dim, di
         plot_grid(torch.cat(pictures["pairs"]), N_STEPS + 2, f"{tag}: original, {N_STEPS} decoded "
                   "steps between the two posterior means, original",
                   (12, 1.1 * len(pictures["pairs"]) + 0.6), paths["interpolations"])
-    plot_per_dimension(per_dim["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE,
-                       f"{tag}: active units (Burda et al. 2016)",
-                       "variance of the posterior mean\nover the test images",
-                       paths["active_units"])
+    plot_per_dimension(per_dim["mu_variance_per_dim"], ACTIVE_UNIT_VARIANCE, f"{tag}: active "
+                       "units (Burda et al. 2016)", "variance of the posterior mean\nover the test "
+                       "images", paths["active_units"])
     plot_per_dimension(per_dim["kl_per_dim"], KL_ACTIVE_NATS, f"{tag}: KL per latent dimension",
                        "mean KL over the test set, nats", paths["kl_per_dim"])
 
@@ -1001,21 +966,19 @@ and {data['test']:,} test images.
 
 def model_section(metrics, model):
     cfg = metrics["config"]
-    scales = (" Its last layer has 6 output channels, not the seed's 3: the means and the log "
-              "scales of the likelihood, one per sub-pixel." if cfg["likelihood"] != "bernoulli"
-              else "")
     decay = f", × {cfg['lr_decay']} after each epoch" if cfg["lr_decay"] != 1 else ""
     likelihood = (
         "**Bernoulli** (binary cross-entropy), the assignment's convention; its minimum is the "
         f"pixels' own binary entropy ({fmt(metrics['anchors']['recon_floor'])} nats/image here), "
         "not 0" if cfg["likelihood"] == "bernoulli" else "a **discretized logistic** over the "
-        "256 levels of each sub-pixel (PixelCNN++) with a learned log scale per sub-pixel, so the "
-        "negative ELBO is a code length of the 8-bit images")
+        "256 levels of each sub-pixel (PixelCNN++) with a learned log scale per sub-pixel (the "
+        "last layer's output channels 4-6, not in the seed), so the negative ELBO is a code "
+        "length of the 8-bit images")
     return f"""## Model and loss
 
 The model as PyTorch prints it, {sum(p.numel() for p in model.parameters()):,} parameters. A \
 2×2 / stride 1 layer is the seed's 4×4 / stride 2 one on a 2×2 (or 1×1) side, where only its centre
-taps meet the image.{scales}
+taps meet the image.
 
 ```
 {model}
@@ -1049,14 +1012,12 @@ def results_table(metrics):
                            "KL-active dims", f"train objective ({unit})"], rows)
 
 
-VERDICTS = {"beats": "beats {}: the whole interval lies above 0",  # rnn_covid.py's words
-            "below": "is below {}: the whole interval lies below 0",
-            "indistinguishable": "cannot be told apart from {} with these data: the interval "
-                                 "includes 0"}
-
-
 def results_section(metrics):
     y, t = metrics["yardstick"], metrics["timing"]
+    verdicts = {"beats": "beats {}: the whole interval lies above 0",  # rnn_covid.py's words
+                "below": "is below {}: the whole interval lies below 0",
+                "indistinguishable": "cannot be told apart from {} with these data: the interval "
+                                     "includes 0"}
     notes = f"""Distortion is −E_q[log p(x|z)], rate KL(q(z|x) ‖ N(0, I)); MSE is that of the
 posterior mean's reconstruction. Active units: Var_x(E_q[z_d]) above {ACTIVE_UNIT_VARIANCE}
 (Burda et al. 2016); KL-active dims: mean KL above {KL_ACTIVE_NATS} nats. Training in \
@@ -1067,7 +1028,7 @@ posterior mean's reconstruction. Active units: Var_x(E_q[z_d]) above {ACTIVE_UNI
                 "256 levels of a pixel, so its negative ELBO is not a code length of the images.\n")
     v, iw = y["verdict"], y["iw"]
     verdict = (f"**Verdict.** λ = 1's importance-weighted bound "
-               f"{VERDICTS[v['claim']].format(v['baseline'])}: gap {fmt(v['gap'], 3)} bits per "
+               f"{verdicts[v['claim']].format(v['baseline'])}: gap {fmt(v['gap'], 3)} bits per "
                f"dimension (baseline − VAE), 95% bootstrap interval [{fmt(v['ci95'][0], 3)}, "
                f"{fmt(v['ci95'][1], 3)}] over the test images (the strongest baseline is picked "
                "on test: that can only make the VAE look worse)."
@@ -1089,41 +1050,26 @@ headers included. {notes}
 
 
 def kl_section(metrics):
-    """What the pictures show for each λ, and what follows from the numbers."""
-    runs = {r["kl_weight"]: r for r in metrics["runs"]}
-    pictures = (("recon_sharpness", 2), ("sample_sharpness", 2), ("sample_mse_to_mean_image", 4),
-                ("sample_pixel_std", 3))
-    rows = [(weight_tag(w), *(fmt(r["pictures"][k], d) for k, d in pictures))
-            for w, r in runs.items()]
+    """What the pictures show for each λ, and what a decoder of independent sub-pixels implies."""
+    y, pictures = metrics["yardstick"], (("recon_sharpness", 2), ("sample_sharpness", 2),
+                                         ("sample_mse_to_mean_image", 4), ("sample_pixel_std", 3))
+    rows = [(weight_tag(r["kl_weight"]), *(fmt(r["pictures"][k], d) for k, d in pictures))
+            for r in metrics["runs"]]
     rows.append(("real test images", "1", "1", fmt(metrics["anchors"]["mean_image_mse"], 4), ""))
     table = markdown_table(["λ", "recon sharpness", "sample sharpness",
                             "samples' MSE to the mean image", "samples' pixel std"], rows)
+    reading = "" if not (y and y["iw"]) else (
+        "\n\nWith no rate z tells the decoder nothing: it is then one independent distribution "
+        f"per sub-pixel, like the histogram ({fmt(y['baselines']['histogram per sub-pixel'], 3)})."
+        " Given z the decoder treats the sub-pixels as independent, so every correlation the code "
+        "does not carry is paid as independent noise in the distortion; a full-covariance "
+        "Gaussian models the correlations directly, at no rate: "
+        f"{fmt(y['baselines']['Gaussian, full covariance'], 3)} bits per dimension against "
+        f"λ = 1's {fmt(y['iw']['bpd'], 3)}, "
+        + ("fewer." if y["baselines"]["Gaussian, full covariance"] < y["iw"]["bpd"] else "more."))
     return ("## What the numbers say about the KL term\n\n" + table + "\n\nSharpness: mean "
             "neighbouring-pixel difference relative to the real test images (below 1: blurrier)."
-            "\n\n"
-            + "\n".join(kl_lines(runs, metrics["yardstick"])) + "\n")
-
-
-def kl_lines(runs, y):
-    """What follows from the numbers alone (docs/vae_anime.md reads the default run's)."""
-    best = min(runs.values(), key=lambda r: r["test"]["neg_elbo"])
-    why = (", as expected: only λ = 1 optimises the ELBO itself." if best["kl_weight"] == 1
-           else "; λ = 1 optimises the ELBO itself, so this run is probably undertrained."
-           if 1.0 in runs else ".")
-    lines = [f"- The lowest test negative ELBO is at λ = {weight_tag(best['kl_weight'])}: "
-             f"{fmt(best['test']['neg_elbo'])} nats/image{why}"]
-    if y and y["iw"]:
-        gauss, bound = y["baselines"]["Gaussian, full covariance"], y["iw"]["bpd"]
-        histogram = y["baselines"]["histogram per sub-pixel"]
-        lines.append(
-            "- With no rate z tells the decoder nothing: it is then one independent distribution "
-            f"per sub-pixel, like the histogram ({fmt(histogram, 3)})."
-            " Given z the decoder treats the sub-pixels as independent, so every correlation the "
-            "code does not carry is paid as independent noise in the distortion; a "
-            "full-covariance Gaussian models the correlations directly, at no rate: "
-            f"{fmt(gauss, 3)} bits per dimension against λ = 1's {fmt(bound, 3)}"
-            + (", fewer." if gauss < bound else ", more."))
-    return lines
+            + reading + "\n")
 
 
 def figures_section(runs, out):
@@ -1140,13 +1086,9 @@ def figures_section(runs, out):
     return "\n".join(lines)
 
 
-# ==== Appendix C: this script's own plumbing (names, torchrun, signals) ===============
+# ==== Appendix C: this script's own plumbing (names, torchrun) ========================
 def weight_tag(kl_weight):
     return f"{kl_weight:g}"
-
-
-def checkpoint_path(out, kl_weight):
-    return out / "checkpoints" / f"lambda_{weight_tag(kl_weight)}.pt"
 
 
 def rank_and_world():
@@ -1161,9 +1103,9 @@ def is_main():
 def cuda_device_for(local_rank, visible):
     """torchrun's LOCAL_RANK -> this process's GPU; more processes than GPUs is a user error."""
     if local_rank >= visible:
-        raise UserError(f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but {visible} "
-                        f"CUDA device(s) are visible: start torchrun with --nproc_per_node at "
-                        f"most {visible}, or pass --device cpu")
+        raise UserError(f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but {visible} CUDA "
+                        f"device(s) are visible: run torchrun with --nproc_per_node at most "
+                        f"{visible}, or pass --device cpu")
     return torch.device("cuda", local_rank)
 
 
@@ -1176,8 +1118,7 @@ def process_group(device_name):
         return
     cuda = device.type == "cuda"
     if cuda:
-        device = cuda_device_for(int(os.environ.get("LOCAL_RANK", "0")),
-                                 torch.cuda.device_count())
+        device = cuda_device_for(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
         torch.cuda.set_device(device)
     # Rank 0 may decode a large --data-dir while the others wait at a barrier: a long timeout.
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,

@@ -147,7 +147,7 @@ def main():
     vae_anime.setup_logging()
     cfg = vae_anime.Config()
     try:
-        images, info = vae_anime.load_images(ROOT / cfg.data_dir, 32, ROOT / cfg.cache_folder, cfg.workers)
+        images, info = vae_anime.load_images(ROOT / cfg.data_dir, 32, ROOT / cfg.out / "cache", cfg.workers)
     except vae_anime.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ def epoch_seconds(images, cfg, data_key):
     train_idx, test_idx = vae_anime.split_indices(len(images), cfg.test_fraction, cfg.seed)
     data = vae_anime.Data(images, train_idx, test_idx, {"key": data_key}, None, None, None, None)
     device = torch.device("cpu")
-    t = vae_anime.start_or_resume(cfg, 1.0, data_key, device, vae_anime.use_bf16(cfg.amp, device))
+    bf16 = cfg.amp == "on"                       # as --amp auto on the CPU
+    t = vae_anime.start_or_resume(cfg, 1.0, data_key, device, bf16, cfg.out / "unused.pt")
     start = time.perf_counter()
     vae_anime.train_epoch(t, data)
     vae_anime.evaluate(t.model, images, test_idx, 1.0, cfg.seed)
@@ -45,7 +46,7 @@ def main():
             "|---|---|---|---|---|"]
     for size in map(int, args.sizes.split(",")):
         cfg = vae_anime.dataclasses.replace(base, image_size=size)
-        images, info = vae_anime.load_images(ROOT / cfg.data_dir, size, ROOT / cfg.cache_folder,
+        images, info = vae_anime.load_images(ROOT / cfg.data_dir, size, ROOT / cfg.out / "cache",
                                              cfg.workers)
         for count in map(int, args.counts.split(",")):
             subset = images[:count or len(images)]

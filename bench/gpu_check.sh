@@ -4,13 +4,12 @@
 # Steps: a short smoke run of each script on CUDA, torchrun with NCCL over every GPU (skipped,
 # with the reason, on fewer than 2), then the timed runs the README quotes: rnn_covid
 # --preset report in full, vae_anime's default run without and with --amp.
-# Every VAE run shares one decoded-image cache, so only the first pays for decoding; the table
-# gives each run's wall time and its training time from metrics.json.
+# Each VAE run decodes the faces into its own output folder's cache (seconds, with every core);
+# the table gives each run's wall time and its training time from metrics.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=figures/gpu_check
 py=.venv/bin/python
-cache=$out_dir/cache
 
 timed() {  # timed NAME OUT_FOLDER COMMAND...: run, record wall and training time, keep the log
     local name=$1 folder=$2; shift 2
@@ -33,7 +32,7 @@ torchrun_row() {  # torchrun_row GPU_COUNT: DDP over NCCL needs a process group 
     fi
     timed vae_torchrun_nccl "$out_dir/vae_torchrun" "$py" -m torch.distributed.run --standalone \
         --nproc_per_node="$gpus" vae_anime.py --device cuda --kl-weights 1 --epochs 1 \
-        --cache-dir "$cache" --workers "$(nproc)"
+        --workers "$(nproc)"
 }
 
 main() {
@@ -54,7 +53,7 @@ main() {
         echo "| run | wall time | training time | result |"
         echo "|---|---|---|---|"
     } >"$results"
-    local vae=(vae_anime.py --device cuda --cache-dir "$cache" --workers "$(nproc)")
+    local vae=(vae_anime.py --device cuda --workers "$(nproc)")
     timed rnn_smoke "$out_dir/rnn_smoke" "$py" rnn_covid.py --device cuda --seeds 1 --sweep-L "" --steps 5
     timed vae_smoke "$out_dir/vae_smoke" "$py" "${vae[@]}" --kl-weights 1 --epochs 1 --amp off
     timed vae_smoke_amp "$out_dir/vae_smoke_amp" "$py" "${vae[@]}" --kl-weights 1 --epochs 1 --amp on
