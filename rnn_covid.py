@@ -48,6 +48,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+
 # ==== Config ==========================================================================
 MODELS = ("rnn", "lstm", "gru")
 LABEL_RULE = "tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)"
@@ -161,6 +162,7 @@ def build_config(argv=None):
     if "topojson_dir" not in given and not preset.topojson_dir.is_dir():
         given["topojson_dir"] = None  # no local shapes: the map's HTML fetches plotly's
     return dataclasses.replace(preset, **given)
+
 
 # ==== Data ============================================================================
 JHU_HEADER = ["Province/State", "Country/Region", "Lat", "Long"]
@@ -324,6 +326,7 @@ def build_datasets(d, countries_C, cfg):
              ", ".join(f"{k} {len(y)}" for k, (X, y) in datasets[cfg.L].sets.items()))
     return datasets
 
+
 # ==== Model ===========================================================================
 class RiseClassifier(torch.nn.Module):
     """A recurrent layer stack read at the last step, then one logit for label 1 tomorrow."""
@@ -337,6 +340,7 @@ class RiseClassifier(torch.nn.Module):
     def forward(self, x):
         out, _ = self.rnn(x)
         return self.head(out[:, -1]).squeeze(-1)
+
 
 # ==== Training ========================================================================
 BCE = torch.nn.functional.binary_cross_entropy_with_logits
@@ -525,6 +529,7 @@ def choose_model(trained, cfg):
     log.info("mean validation accuracy: %s -> %s",
              ", ".join(f"{c} {a:.3f}" for c, a in val_acc.items()), chosen)
     return chosen, val_acc
+
 
 # ==== Baselines and metrics ===========================================================
 @dataclass(frozen=True)
@@ -757,6 +762,7 @@ def evaluate(trained, datasets, cfg):
         f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
         MapModel(chosen, ens.gap, ens.ci95, [t.scores["test"].accuracy for t in runs]))
 
+
 # ==== The run: every step of the method, in order =====================================
 def run(argv=None):
     """Load -> C -> windows -> train -> choose -> evaluate -> sweep -> map -> report."""
@@ -862,6 +868,7 @@ def write_outputs(o):
                           json.dumps(record, indent=2, default=str) + "\n")
     log.info("wrote %s (total %.0f s)", o.config.out, o.timing["total_s"])
 
+
 # ==== Appendix A: figures =============================================================
 def plot_correlations(corr_first10, corr_C, out):
     """Lower-triangle heatmap of the first 10 countries (the assignment's) and clustered C."""
@@ -916,6 +923,7 @@ def plot_sweep(sweep, out):
            title="Test accuracy against window length")
     ax.legend(fontsize=8, loc="best")
     save_figure_atomically(fig, out / "L_sweep.png")
+
 
 # ==== Appendix B: world map ===========================================================
 # P(rise tomorrow) per country: a plotly choropleth (HTML, offline shapes; PNG by kaleido), a CSV.
@@ -1091,6 +1099,7 @@ def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
                     sorted(n for n, c in zip(on_map["country"], on_map["iso3"])
                            if ids and c not in ids),
                     None if reason else str(out_dir / "world_map.png"), reason)
+
 
 # ==== Appendix C: report ==============================================================
 def _fmt(v, digits=3):

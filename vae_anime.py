@@ -58,6 +58,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+
 # ==== Config ==========================================================================
 def setting(default, doc, **flag):
     """A Config field: its default, its --help text and argparse's keywords for its flag."""
@@ -344,9 +345,8 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.total_stride = 2 ** len(channels)                     # each layer halves the side
         if image_size % self.total_stride:
-            raise ValueError(f"the encoder's strides divide the image side by "
-                             f"{self.total_stride}, so it must be a multiple of "
-                             f"{self.total_stride}, got {image_size}")
+            raise ValueError(f"the encoder's strides divide the image side by {self.total_stride}, "
+                             f"so it must be a multiple of {self.total_stride}, got {image_size}")
         widths = (3, *channels)
         sides = [image_size // 2 ** i for i in range(len(widths))]  # input side of each layer
         down = [m for c_in, c_out, side in zip(widths, widths[1:], sides)
@@ -477,12 +477,12 @@ def start_or_resume(cfg, kl_weight, data_key, device, bf16, path):
 
 
 def train(t, data, epochs, ckpt_path):
-    """Train to `epochs`; after each epoch evaluate, refuse non-finite numbers and checkpoint."""
-    s = t.settings
+    """Train to `epochs`, evaluating and checkpointing each epoch; its last evaluation or None."""
+    s, test, per_dim = t.settings, None, None
     while t.epoch < epochs:
         start = time.perf_counter()
         train_stats = train_epoch(t, data)
-        test, _ = evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed)
+        test, per_dim = evaluate(t.model, data.images, data.test_idx, s.kl_weight, s.seed)
         refuse_non_finite(t, train_stats | test, ckpt_path)
         seconds = time.perf_counter() - start
         t.epoch, t.train_seconds = t.epoch + 1, t.train_seconds + seconds
@@ -498,7 +498,7 @@ def train(t, data, epochs, ckpt_path):
                  f"{train_stats['objective']:8.1f} | test obj {test['objective']:8.1f} neg-ELBO "
                  f"{test['neg_elbo']:7.1f} recon {test['recon']:7.1f} KL {test['kl']:6.1f}  "
                  f"({seconds:.0f} s)")
-    return t
+    return None if test is None else (test, per_dim)
 
 
 def train_epoch(t, data):
@@ -588,8 +588,7 @@ def importance_weighted_bits(model, images, idx, k, seed):
     """−log2 of each image's importance-weighted bound log (1/k) Σ p(x|z_i) p(z_i) / q(z_i|x),
     z_i ~ q(z|x) (Burda et al. 2016); k = 1 is a one-sample ELBO."""
     model.eval()
-    gen = torch.Generator(device=images.device).manual_seed(seed)
-    bits = []
+    gen, bits = torch.Generator(device=images.device).manual_seed(seed), []
     for chunk in idx.split(max(1, IW_DECODES // k)):
         x = images[chunk].float() / 255
         mu, logvar = model.encode(x)
@@ -769,17 +768,16 @@ def train_every_weight(cfg, data, device, bf16):
     for w in cfg.kl_weights:
         path = cfg.out / "checkpoints" / f"lambda_{weight_tag(w)}.pt"
         t = start_or_resume(cfg, w, data.info["key"], device, bf16, path)
-        train(t, data, cfg.epochs, path)
-        test, per_dim = evaluate(t.model, data.images, data.test_idx, w, cfg.seed)
+        test, per_dim = (train(t, data, cfg.epochs, path)  # None when no epoch was left to train
+                         or evaluate(t.model, data.images, data.test_idx, w, cfg.seed))
         train_s[weight_tag(w)] = t.train_seconds
         if is_main():
             pictures[w] = run_pictures(t.model, data.fixed_test, data.z)
             write_run_figures(cfg.out, w, t.history, pictures[w], data.fixed_test, per_dim,
                               None if cfg.likelihood == "bernoulli" else data.images[0].numel())
+            stats = picture_stats(pictures[w], data.fixed_test.cpu(), data.mean_image)
             entries.append({"kl_weight": w, "epochs": t.epoch, "test": test, **per_dim,
-                            "pictures": picture_stats(pictures[w], data.fixed_test.cpu(),
-                                                      data.mean_image),
-                            "history": t.history})
+                            "pictures": stats, "history": t.history})
         lambda_1 = t.model if w == 1 else lambda_1        # for the importance-weighted bound
     return entries, pictures, train_s, lambda_1
 
@@ -997,10 +995,12 @@ def results_table(metrics):
     unit, scale, digits = ("bpd", bits_per_dim(1, y["dims"]), 3) if y else ("nats", 1, 1)
     rows = [(name, fmt(bpd, 3), *[""] * 6) for name, bpd in (y["baselines"] if y else {}).items()]
     for r in metrics["runs"]:
-        t, train = r["test"], r["history"][-1]["train"]["objective"] if r["history"] else None
-        rows.append((f"VAE λ = {weight_tag(r['kl_weight'])}, negative ELBO",
-                     *(fmt(t[k] * scale, digits) for k in ("neg_elbo", "recon")),
-                     fmt(t["kl"] * scale, digits + 1), fmt(t["mse"], 4),
+        t, tag = r["test"], weight_tag(r["kl_weight"])
+        elbo, distortion, rate = ([y["models"][tag][f"{k}_bpd"] for k in ("elbo", "distortion",
+                                   "rate")] if y else (t["neg_elbo"], t["recon"], t["kl"]))
+        train = r["history"][-1]["train"]["objective"] if r["history"] else None
+        rows.append((f"VAE λ = {tag}, negative ELBO", fmt(elbo, digits), fmt(distortion, digits),
+                     fmt(rate, digits + 1), fmt(t["mse"], 4),
                      f"{t['active_units']}/{latent}", f"{t['kl_active_dims']}/{latent}",
                      fmt(train and train * scale, digits)))
     if y and y["iw"]:
