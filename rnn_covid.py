@@ -1,25 +1,24 @@
 """Will a country's daily new COVID-19 cases rise tomorrow? RNN, LSTM and GRU against baselines.
 
-JHU CSSE confirmed cases (either CSV layout) -> daily new cases d[t] per country -> the set C
-of strongly correlated countries -> sliding windows of length L -> RNN, LSTM and GRU
-classifiers of "d[t+1] > d[t]" over several seeds, beside naive baselines -> a sweep over L
--> P(rise tomorrow) for every country on a world map -> REPORT.md. Splits are by time;
-every choice is made on validation; the verdict follows a day-bootstrap 95% interval.
+JHU CSSE cases (either CSV layout) -> daily new cases d[t] -> the set C of correlated countries
+-> length-L windows -> RNN, LSTM and GRU classifiers of "d[t+1] > d[t]" beside naive baselines ->
+an L sweep -> a world map of P(rise tomorrow) -> a rolling-origin backtest -> REPORT.md. No day
+after the last training day informs a choice; verdicts follow block-bootstrap 95% intervals.
 
 Run:
     python rnn_covid.py                              # default preset, all three models
     python rnn_covid.py --model gru --seeds 1        # one model, one seed
     python rnn_covid.py --preset report              # the reference report's settings
-    python rnn_covid.py --help                       # every flag, its default and preset values
 
 Writes under --out (default figures/rnn_covid/), atomically: REPORT.md, metrics.json,
 corr_first10.png, corr_C_clustered.png, learning_curves_<model>.png, L_sweep.png,
-world_map.html, world_map.png (needs Chrome/Chromium; BROWSER_PATH= skips it),
+backtest.png, world_map.html, world_map.png (needs Chrome/Chromium; BROWSER_PATH= skips it),
 world_probabilities.csv. Bad input: one line, exit code 2; Ctrl-C or SIGTERM: exit code 130.
 Read Config, the method in pipeline order, then `run()`. Details: docs/rnn_covid.md.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import html
 import json
@@ -52,7 +51,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 # ==== Config ==========================================================================
 MODELS = ("rnn", "lstm", "gru")
 LABEL_RULE = "tomorrow's new cases exceed today's, d[t+1] > d[t] (ties are no rise)"
-BOOTSTRAP_RESAMPLES = 10_000  # of the day bootstrap behind every interval
+BOOTSTRAP_RESAMPLES = 100_000  # of the block bootstrap behind every interval
+BOOTSTRAP_SEEDS = 5  # the bounds' spread over this many bootstrap seeds is reported
+BLOCK_DAYS = 7  # resampled blocks of consecutive test days: a whole weekly reporting cycle
 
 
 # Batch, steps and weight decay when not given, by data size (bench/grid_rnn_covid.py, docs).
@@ -121,6 +122,11 @@ class Config:
     sweep_L: tuple = setting((3, 5, 7, 10, 14), "window lengths to sweep, e.g. 3,5 (empty: none)",
                              type=lambda t: tuple(POSITIVE(x) for x in t.split(",") if x.strip()))
     sweep_seeds: int = setting(3, "seeds per sweep point (not given: --seeds)", type=POSITIVE)
+    # 3: on the assignment file an earlier origin trains on 20 windows or fewer (docs).
+    origins: int = setting(3, "backtest: forecast origins, the last ones of the series (0: none)",
+                           type=NON_NEGATIVE)
+    origin_every: int = setting(7, "backtest: test days from one origin to the next",
+                                type=POSITIVE)
     device: str = setting("auto", "auto: CUDA when present", choices=("auto", "cpu", "cuda"))
     threads: int = setting(1, "torch CPU threads with --jobs 1", type=POSITIVE)
     jobs: int = setting(len(os.sched_getaffinity(0)), "trainings at once in CPU worker "
@@ -136,7 +142,7 @@ PRESETS = {
     "report": dataclasses.replace(
         DEFAULT, preset="report", layers=2, hidden=510, lr=0.001, weight_decay=0.0,
         steps=(("rnn", 1000), ("lstm", 500), ("gru", 500)), early_stop=False,
-        seeds=1, sweep_seeds=1, sweep_L=(), threads=min(2, os.cpu_count() or 1)),
+        seeds=1, sweep_seeds=1, sweep_L=(), origins=0, threads=min(2, os.cpu_count() or 1)),
 }
 
 
@@ -252,8 +258,12 @@ def countries_of_C(d, threshold):
         largest = np.nanmax(r) if r.size > 1 else float("nan")
         raise UserError(f"--threshold {threshold} leaves {len(C)} countries in C (needs 2); "
                         f"the largest correlation between two countries is {largest:.4f}")
-    log.info("C: %d countries with r > %.2f (%d zero-variance)", len(C), threshold, len(zero_var))
     return corr, zero_var, C
+
+
+def training_days(d, test_days, val_days):
+    """The days up to the last training label day: all that C is computed from."""
+    return d.iloc[:, : d.shape[1] - test_days - val_days]
 
 # Day indices t refer to the columns of the daily-difference matrix d. The window that
 # starts at s holds d[s:s+L]; its "label day" is t = s + L, the day being predicted.
@@ -325,6 +335,28 @@ def build_datasets(d, countries_C, cfg):
     log.info("windows (L=%d): %s", cfg.L,
              ", ".join(f"{k} {len(y)}" for k, (X, y) in datasets[cfg.L].sets.items()))
     return datasets
+
+
+def backtest_datasets(d, cfg):
+    """A Dataset per forecast origin (by its first test day), --origin-every days apart, the last
+    block ending on the last day. Each sees the days up to its block's end, and only those before
+    the block choose: C from its training days, validation the --val-days before the block.
+    Expanding window (all earlier days train), as a forecaster on that day would: the assignment
+    file's 81 days leave nothing to slide, and on long series the fixed step budget (mini-batches
+    above AUTO_FULL_BATCH_MAX windows) keeps an origin's cost nearly flat (bench/)."""
+    seen, T = dataclasses.replace(cfg, test_days=cfg.origin_every), d.shape[1]
+    out = {}
+    for o in range(T - cfg.origins * cfg.origin_every, T, cfg.origin_every):
+        known, day = d.iloc[:, : max(o + cfg.origin_every, 0)], str(d.columns[max(o, 0)].date())
+        try:
+            C = countries_of_C(training_days(known, seen.test_days, cfg.val_days), cfg.threshold)[2]
+            out[day] = build_dataset(known, C, cfg.L, seen)
+        except UserError as err:
+            raise UserError(f"backtest origin {day}: {err}; or lower --origins") from None
+    if out:
+        log.info("backtest: %d origins from %s, C of %s countries", len(out), next(iter(out)),
+                 "/".join(str(len(ds.dC)) for ds in out.values()))
+    return out
 
 
 # ==== Model ===========================================================================
@@ -407,7 +439,7 @@ def loss_and_accuracy(model, X, y):
 
 
 def train_model(cell, ds, cfg, seed, device, plan, progress=False):
-    """Adam on binary cross-entropy; curves (test only recorded) stay on the device to the end.
+    """Adam on binary cross-entropy, curves (test only recorded) read once per evaluation.
     Early stopping keeps the weights of lowest validation loss, else the last (as the report)."""
     seed_everything(seed)
     Xtr, ytr = (torch.as_tensor(a, device=device) for a in ds.sets["train"])
@@ -416,28 +448,24 @@ def train_model(cell, ds, cfg, seed, device, plan, progress=False):
     stream = batch_stream(len(Xtr), plan.batch, torch.Generator().manual_seed(seed), device)
     evals = [[torch.as_tensor(a, device=device) for a in ds.sets[k]] for k in ("val", "test")]
     steps, rows, done = evaluation_steps(len(Xtr), plan.batch, plan.steps), [], 0
-    best = torch.tensor(float("inf"), dtype=torch.float64, device=device)
-    kept = {k: v.clone() for k, v in model.state_dict().items()} if cfg.early_stop else None
+    best, kept = float("inf"), None
     desc = f"{cell} L={ds.L} seed={seed}"
     # Progress bars on a terminal only; none in parallel workers, whose bars would overlap.
     for step in tqdm(steps, desc=desc, leave=False, mininterval=1.0,
                      disable=None if progress else True):
         train = train_steps(model, opt, Xtr, ytr, stream, step - done)
         rows.append(torch.stack([*train, *(v.double() for X, y in evals
-                                           for v in loss_and_accuracy(model, X, y))]))
-        if kept is not None:  # a NaN validation loss is never better
-            better = rows[-1][2] < best
-            best = torch.where(better, rows[-1][2], best)
-            for k, v in model.state_dict().items():
-                kept[k].copy_(torch.where(better, v, kept[k]))
+                                           for v in loss_and_accuracy(model, X, y))]).tolist())
+        if cfg.early_stop and rows[-1][2] < best:  # a NaN validation loss is never better
+            best, kept = rows[-1][2], copy.deepcopy(model.state_dict())
         done = step
     names = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
-    curves = dict(zip(names, (steps, *map(list, zip(*torch.stack(rows).tolist())))))
+    curves = dict(zip(names, (steps, *map(list, zip(*rows)))))
     bad = next((i for i, loss in enumerate(curves["train_loss"]) if not np.isfinite(loss)), None)
     if bad is not None:
         raise UserError(f"{desc}: the training loss became {curves['train_loss'][bad]} by step "
                         f"{steps[bad]}, the optimisation diverged; lower --lr")
-    if kept is None or not any(v < float("inf") for v in curves["val_loss"]):
+    if kept is None:
         return model, curves, steps[-1]
     model.load_state_dict(kept)
     return model, curves, steps[int(np.nanargmin(curves["val_loss"]))]
@@ -459,8 +487,8 @@ class Training:
 
 def train_run(datasets, cfg, job, device, progress):
     """One training of job = (model, L, seed) and its validation and test scores."""
-    cell, L, seed = job
-    ds, start = datasets[L], time.perf_counter()
+    cell, key, seed = job
+    ds, start = datasets[key], time.perf_counter()
     plan = optimisation_for(len(ds.sets["train"][1]), cell, cfg)
     model, curves, kept = train_model(cell, ds, cfg, seed, device, plan, progress)
     model.eval()
@@ -469,30 +497,38 @@ def train_run(datasets, cfg, job, device, progress):
                  for s, X in (("val", ds.sets["val"][0]), ("test", ds.sets["test"][0]),
                               ("latest", ds.latest))}
     scores = {s: classification_metrics(ds.sets[s][1], probs[s]) for s in ("val", "test")}
-    log.info("%-4s L=%-2d seed %d: val acc %.3f, test acc %.3f (step %d)", cell, ds.L, seed,
+    log.info("%-4s %s seed %d: val acc %.3f, test acc %.3f (step %d)", cell,
+             f"L={key}" if key == ds.L else f"origin {key}", seed,
              scores["val"].accuracy, scores["test"].accuracy, kept)
     return Training(cell, ds.L, seed, kept, plan, scores,
                     round(time.perf_counter() - start, 2), probs, curves)
 
 
-def main_runs(trained, cell, cfg):
-    """The trainings of `cell` at the main L, one per main seed."""
-    return [trained[(cell, cfg.L, s)] for s in range(cfg.seed, cfg.seed + cfg.seeds)]
+def main_runs(trained, cell, cfg, key=None):
+    """The trainings of `cell` on datasets[key] (None: the main L), one per main seed."""
+    return [trained[(cell, cfg.L if key is None else key, s)]
+            for s in range(cfg.seed, cfg.seed + cfg.seeds)]
 
 
-def train_all(datasets, cfg, device, meanwhile):
-    """Every planned training by (model, L, seed) and the processes that trained: in turn, or in
-    --jobs CPU workers while this one runs `meanwhile`. Trainings seed themselves: same numbers."""
-    jobs = [(c, cfg.L, s) for c in cfg.models for s in range(cfg.seed, cfg.seed + cfg.seeds)]
+def planned_jobs(cfg, origins):
+    """(model, dataset key, seed) of every training: the main L, the sweep, then each origin."""
+    seeds = range(cfg.seed, cfg.seed + cfg.seeds)
+    jobs = [(c, cfg.L, s) for c in cfg.models for s in seeds]
     sweep = [(c, L, s) for L in cfg.sweep_L for c in cfg.models
              for s in range(cfg.seed, cfg.seed + cfg.sweep_seeds)]
-    jobs += [job for job in sweep if job not in jobs]  # the main L first, then the sweep
+    return (jobs + [job for job in sweep if job not in jobs]
+            + [(c, origin, s) for origin in origins for c in cfg.models for s in seeds])
+
+
+def train_all(datasets, jobs, cfg, device, meanwhile):
+    """Every training of `jobs` (model, key of datasets, seed) and the processes that trained: in
+    turn, or in --jobs CPU workers while this one runs `meanwhile`. Trainings seed themselves."""
     workers = min(cfg.jobs, len(jobs)) if device.type == "cpu" else 1  # no CUDA in a fork
     log.info("%d trainings on %s, %d at a time (--jobs %d)", len(jobs), device, workers, cfg.jobs)
     if workers == 1:
         meanwhile()
         return {job: train_run(datasets, cfg, job, device, progress=True) for job in jobs}, 1
-    order = sorted(jobs, key=lambda job: -job[1] * (1 if job[0] == "rnn" else 3))  # longest first
+    order = sorted(jobs, key=lambda job: -datasets[job[1]].L * (1 if job[0] == "rnn" else 3))
     _WORKER.update(datasets=datasets, cfg=cfg, device=device)
     # Ctrl-C or SIGTERM while the workers are forked would raise inside an at-fork hook, where
     # Python prints the exception and carries on: hold them until the pool stands.
@@ -518,17 +554,6 @@ def _start_worker():
 
 def _worker_train(job):
     return train_run(_WORKER["datasets"], _WORKER["cfg"], job, _WORKER["device"], progress=False)
-
-
-def choose_model(trained, cfg):
-    """The model of best mean validation accuracy (main seeds, main L), and each model's mean."""
-    val_acc = {c: round(float(np.mean([t.scores["val"].accuracy
-                                       for t in main_runs(trained, c, cfg)])), 6)
-               for c in cfg.models}
-    chosen = max(cfg.models, key=val_acc.get)
-    log.info("mean validation accuracy: %s -> %s",
-             ", ".join(f"{c} {a:.3f}" for c, a in val_acc.items()), chosen)
-    return chosen, val_acc
 
 
 # ==== Baselines and metrics ===========================================================
@@ -609,98 +634,61 @@ def evaluate_baselines(ds, split="test"):
             for name, b in BASELINES.items()}
 
 
-@dataclass(frozen=True)
-class Spread:
-    mean: float
-    std: float  # sample standard deviation (ddof=1); None for one seed
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Test metrics of one model at one L over its seeds."""
-    model: str
-    L: int
-    seeds: int
-    accuracy: Spread
-    balanced_accuracy: Spread
-    roc_auc: Spread
-    f1_rise: Spread
-
-
-def summarise(trainings):
-    """A Summary of the test scores per (model, L) among the given trainings."""
-    def spread(values):
-        vals = [v for v in values if v is not None]
-        return Spread(mean=round(float(np.mean(vals)), 6) if vals else None,
-                      std=round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else None)
-    groups = {}
-    for t in trainings:
-        groups.setdefault((t.model, t.L), []).append(t.scores["test"])
-    return [Summary(model, L, len(ss), *(spread([getattr(s, n) for s in ss]) for n in METRIC_NAMES))
-            for (model, L), ss in groups.items()]
+def seed_summary(trainings):
+    """Test metrics per (model, L): the mean and sample std (pandas: ddof=1) over seeds."""
+    table = pd.DataFrame([{"model": t.model, "L": t.L, **dataclasses.asdict(t.scores["test"])}
+                          for t in trainings]).astype({m: float for m in METRIC_NAMES})
+    by = table.groupby(["model", "L"], sort=False)
+    return by.mean().join(by.std().add_suffix("_std")).assign(seeds=by.size())
 
 
 @dataclass
 class Sweep:
     """Test accuracy against L: the models over the sweep seeds, the baselines."""
-    models: list     # Summary per (model, L)
+    models: pd.DataFrame  # seed_summary per (model, L)
     baselines: dict  # L -> baseline -> test accuracy
 
 
 def sweep_results(trained, datasets, cfg):
     runs = [t for (c, L, s), t in trained.items()
             if L in cfg.sweep_L and s < cfg.seed + cfg.sweep_seeds]
-    return Sweep(summarise(runs), {L: {n: m.accuracy for n, m in
-                                       evaluate_baselines(datasets[L]).items()}
-                                   for L in cfg.sweep_L})
+    return Sweep(seed_summary(runs) if runs else None,
+                 {L: {n: m.accuracy for n, m in evaluate_baselines(datasets[L]).items()}
+                  for L in cfg.sweep_L})
 
 
-class DayBootstrap:
-    """Cluster bootstrap over the label days of one split: the windows of one day (all of C) are
-    strongly correlated, so each resample draws whole days. One seeded set of draws serves every
-    comparison: gaps are paired, and a rerun gives the same intervals."""
-
-    def __init__(self, y, n_days, resamples, seed):
-        self.y = np.asarray(y) > 0.5
-        self.day = np.arange(len(self.y)) % n_days  # windows are country-major
-        self.n_days = n_days
-        self.draws = np.random.default_rng(seed).integers(0, n_days, size=(resamples, n_days))
-
-    def _ratio(self, num, den):
-        """num / den summed over the days, for all days and for every resample."""
-        per_day = [np.bincount(self.day, weights=v, minlength=self.n_days) for v in (num, den)]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (per_day[0].sum() / per_day[1].sum(),
-                    per_day[0][self.draws].sum(-1) / per_day[1][self.draws].sum(-1))
-
-    def statistics(self, correct):
-        """{metric: (value, resampled values)} of accuracy and balanced accuracy, for a per-window
-        correctness in [0, 1] (or a difference of two: every statistic here is linear in it)."""
-        c, pos = np.asarray(correct, dtype=float), self.y.astype(float)
-        acc = self._ratio(c, np.ones_like(c))
-        tpr, tnr = self._ratio(c * pos, pos), self._ratio(c * (1 - pos), 1 - pos)
-        return {"accuracy": acc,
-                "balanced_accuracy": ((tpr[0] + tnr[0]) / 2, (tpr[1] + tnr[1]) / 2)}
-
-    def gap(self, correct):
-        """The Gap of `correct`: each statistic, its 95% percentile interval and the claim."""
-        out = {}
-        for metric, (value, samples) in self.statistics(correct).items():
-            lo, hi = (round(float(x), 6) for x in np.nanpercentile(samples, [2.5, 97.5]))
-            out[metric] = Interval(round(float(value), 6), [lo, hi], claim(lo, hi))
-        return Gap(**out)
+def day_sums(correct, y, day):
+    """Per test day: windows, label-1 windows, right predictions, right label-1 predictions."""
+    c, pos = np.asarray(correct, dtype=float), (np.asarray(y) > 0.5).astype(float)
+    return np.stack([np.bincount(day, weights=w) for w in (np.ones_like(c), pos, c, c * pos)], 1)
 
 
-def claim(lo, hi):
-    """The verdict's word for a 95% interval of a gap: it follows the interval, not the point."""
-    return "beats" if lo > 0 else "below" if hi < 0 else "indistinguishable"
+def rates(sums):
+    """Accuracy and balanced accuracy of summed day_sums; linear in `correct`, so the sums of a
+    difference of two correctnesses give the gap."""
+    n, pos, c, c_pos = np.moveaxis(sums, -1, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"accuracy": c / n, "balanced_accuracy": (c_pos / pos + (c - c_pos) / (n - pos)) / 2}
+
+
+def block_bootstrap(sums, seed, resamples=BOOTSTRAP_RESAMPLES, block=BLOCK_DAYS):
+    """Resampled totals of (days, k) day sums: ceil(days / block) blocks of `block` consecutive
+    days each, drawn with replacement, wrapping around the end (the circular block bootstrap,
+    Politis & Romano 1992): neighbouring days share reporting cycles and waves, and one day's
+    windows (all of C) are strongly correlated. scipy.stats.bootstrap draws single items."""
+    b = min(block, len(sums))
+    cum = np.cumsum(np.concatenate([np.zeros((1, sums.shape[1])), sums, sums[:b - 1]]), axis=0)
+    blocks = cum[b:] - cum[:-b]  # the sums of the block starting on each day
+    starts = np.random.default_rng(seed).integers(0, len(sums), (resamples, -(-len(sums) // b)))
+    return np.stack([col[starts].sum(axis=1) for col in blocks.T], axis=-1)
 
 
 @dataclass(frozen=True)
 class Interval:
-    gap: float    # the statistic on the split itself
-    ci95: list    # 95% percentile interval over the day resamples
+    gap: float           # the statistic on the test windows themselves
+    ci95: list           # 95% percentile interval over the block resamples
     claim: str
+    bound_spread: float  # the most either bound moves over BOOTSTRAP_SEEDS bootstrap seeds
 
 
 @dataclass(frozen=True)
@@ -709,63 +697,153 @@ class Gap:
     balanced_accuracy: Interval
 
 
-@dataclass
-class MapModel:
-    """The model the map shows: the chosen model's probabilities averaged over the main seeds."""
-    model: str
-    accuracy: float
-    ci95: list
-    per_seed_accuracy: list
+def claim(lo, hi):
+    """The verdict's word for a 95% interval of a gap: it follows the interval, not the point."""
+    return "beats" if lo > 0 else "below" if hi < 0 else "indistinguishable"
+
+
+def bootstrap_gap(correct, y, day, seed):
+    """The Gap of per-window `correct` (a fraction right, or a difference of two), resampling
+    blocks of test days (`day`: each window's test day); seeds seed.. for the bounds' spread."""
+    sums = day_sums(correct, y, day)
+    draws = [rates(block_bootstrap(sums, seed + i)) for i in range(BOOTSTRAP_SEEDS)]
+    out = {}
+    for metric, value in rates(sums.sum(axis=0)).items():
+        bounds = np.array([np.nanpercentile(r[metric], [2.5, 97.5]) for r in draws])
+        lo, hi = (round(float(x), 6) for x in bounds[0])
+        out[metric] = Interval(round(float(value), 6), [lo, hi], claim(lo, hi),
+                               round(float(np.ptp(bounds, axis=0).max()), 6))
+    return Gap(**out)
+
+
+def test_days_of(ds):
+    """Each test window's test day, 0.. (windows are country-major)."""
+    return np.arange(len(ds.sets["test"][1])) % int(ds.masks["test"].sum())
+
+
+def choose(trained, ds, cfg, key=None):
+    """On datasets[key]'s validation days: the model of best mean accuracy over the main seeds
+    and the strongest naive baseline, each with whether the runner-up lies less than one
+    validation window behind (a tie); and the models' mean validation accuracies."""
+    y = ds.sets["val"][1]
+    models = {c: round(float(np.mean([t.scores["val"].accuracy for t in
+                                      main_runs(trained, c, cfg, key)])), 6) for c in cfg.models}
+    naive = {n: classification_metrics(y, b.predict(ds, "val")).accuracy
+             for n, b in BASELINES.items() if not b.learned}
+
+    def best(acc):
+        top = sorted(acc.values(), reverse=True)
+        return max(acc, key=acc.get), len(top) > 1 and top[0] - top[1] < 1 / len(y)
+    return (*best(models), *best(naive), models)
+
+
+def right(ds, runs, predict):
+    """Per test window: the fraction of the trainings `runs` right, and `predict` right."""
+    y = ds.sets["test"][1] > 0.5
+    return (np.mean([(t.probs["test"] > 0.5) == y for t in runs], axis=0),
+            (predict(ds, "test") > 0.5) == y)
 
 
 @dataclass
 class Evaluation:
     """Every number of the results at the main L; the verdict is gaps[chosen][naive]."""
-    baselines: dict      # name -> Scores on test
-    baselines_val: dict  # name -> Scores on validation
-    summary: dict        # model -> Summary over the main seeds
+    baselines: dict        # name -> Scores on test
+    baselines_val: dict    # name -> Scores on validation
+    summary: pd.DataFrame  # seed_summary of the models over the main seeds
     gaps: dict           # model -> baseline name -> Gap, per-window correctness seed-averaged
     val_accuracy: dict   # model -> mean validation accuracy over the main seeds
     chosen: str          # the model of best val_accuracy
+    chosen_tie: bool     # the runner-up within one validation window
     naive: str           # the strongest naive baseline on validation
     interval: str        # how the intervals were made
-    per_day_correct: dict  # chosen model, naive -> right test windows per day (model: seed mean)
-    map_model: MapModel
+    map_accuracy: list   # the map's model: its seed-mean probabilities, then each seed
 
 
 def evaluate(trained, datasets, cfg):
-    """Choice on validation, baselines, summary, gaps (day-bootstrap intervals), map model."""
-    ds, (chosen, val_acc) = datasets[cfg.L], choose_model(trained, cfg)
-    y = ds.sets["test"][1]
-    scores = {s: {n: b.predict(ds, s) for n, b in BASELINES.items()} for s in ("val", "test")}
-    baselines = {s: {n: classification_metrics(ds.sets[s][1], p) for n, p in scores[s].items()}
-                 for s in scores}
-    naive = max((n for n, b in BASELINES.items() if not b.learned),
-                key=lambda n: baselines["val"][n].accuracy)  # the strongest on validation
-    boot = DayBootstrap(y, int(ds.masks["test"].sum()), BOOTSTRAP_RESAMPLES, cfg.seed)
-    # Per test window, the fraction of the main seeds whose prediction is right.
-    correct = {c: np.mean([(t.probs["test"] > 0.5) == (y > 0.5)
-                           for t in main_runs(trained, c, cfg)], axis=0) for c in cfg.models}
-    refs = {n: (scores["test"][n] > 0.5) == (y > 0.5) for n in (naive, "logistic regression")}
-    gaps = {c: {n: boot.gap(correct[c] - ref) for n, ref in refs.items()} for c in cfg.models}
+    """Choice on validation, baselines, summary, gaps (block-bootstrap intervals), map model."""
+    ds = datasets[cfg.L]
+    chosen, tie, naive, _, val_acc = choose(trained, ds, cfg)
+    log.info("mean validation accuracy: %s -> %s%s", ", ".join(
+        f"{c} {a:.3f}" for c, a in val_acc.items()), chosen, " (a tie)" if tie else "")
+    y, day, runs = ds.sets["test"][1], test_days_of(ds), main_runs(trained, chosen, cfg)
+    gaps = {c: {n: bootstrap_gap(np.subtract(*right(ds, main_runs(trained, c, cfg),
+                                                     BASELINES[n].predict)), y, day, cfg.seed)
+                for n in (naive, "logistic regression")} for c in cfg.models}
     v = gaps[chosen][naive].accuracy
     log.info("%s vs %s (strongest naive on validation): gap %+.3f, 95%% interval [%.3f, %.3f]: "
              "%s", chosen.upper(), naive, v.gap, *v.ci95, v.claim)
-    runs = main_runs(trained, chosen, cfg)
-    ens = boot.gap((np.mean([t.probs["test"] for t in runs], axis=0) > 0.5) == (y > 0.5)).accuracy
-    summary = summarise([t for c in cfg.models for t in main_runs(trained, c, cfg)])
-    per_day = {k: [round(float(v), 6) for v in c.reshape(-1, boot.n_days).sum(axis=0)]
-               for k, c in ((chosen, correct[chosen]), (naive, refs[naive]))}
     return Evaluation(
-        baselines["test"], baselines["val"], {s.model: s for s in summary}, gaps, val_acc, chosen,
-        naive, f"95% percentile, cluster bootstrap over the {boot.n_days} test label days, "
-        f"{BOOTSTRAP_RESAMPLES:,} resamples, seed {cfg.seed}", per_day,
-        MapModel(chosen, ens.gap, ens.ci95, [t.scores["test"].accuracy for t in runs]))
+        evaluate_baselines(ds, "test"), evaluate_baselines(ds, "val"),
+        seed_summary([t for c in cfg.models for t in main_runs(trained, c, cfg)]), gaps, val_acc,
+        chosen, tie, naive, f"95% percentile, circular bootstrap of blocks of {BLOCK_DAYS} "
+        f"consecutive test days (of {day.max() + 1}), {BOOTSTRAP_RESAMPLES:,} resamples, seed "
+        f"{cfg.seed}", [classification_metrics(y, np.mean([t.probs["test"] for t in runs], 0)).accuracy,
+                       *(t.scores["test"].accuracy for t in runs)])
+
+
+# ==== Backtest: many forecast origins, each choosing from its own past ================
+@dataclass
+class Origin:
+    """One forecast origin: its choices, made on the days before it, and its test block."""
+    origin: str          # first test day
+    countries: int       # in C, from its training days
+    chosen: str          # the model of best mean validation accuracy
+    chosen_tie: bool
+    naive: str           # the strongest naive baseline on its validation days
+    naive_tie: bool
+    model_accuracy: float  # on its test block, mean over the main seeds
+    naive_accuracy: float
+
+
+@dataclass
+class Backtest:
+    """The chosen models minus the chosen baselines over the pooled test blocks of all origins."""
+    origins: list        # first test day of each origin
+    test_days: int
+    test_windows: int
+    block_days: int
+    resamples: int
+    accuracy: Interval
+    balanced_accuracy: Interval
+    pooled: dict         # "model", "naive" -> {"accuracy", "balanced_accuracy"}
+    brier: dict          # "model" (seed mean), "training rate" (a constant) -> Brier score
+    per_origin: list     # Origin per origin
+
+
+def evaluate_origin(trained, ds, key, cfg):
+    """An Origin, and per test window: model right, naive right, y, the Brier scores of the
+    model (seed mean) and of the training windows' rate of label 1."""
+    chosen, chosen_tie, naive, naive_tie, _ = choose(trained, ds, cfg, key)
+    runs, (X, y) = main_runs(trained, chosen, cfg, key), ds.sets["test"]
+    model, ref = right(ds, runs, BASELINES[naive].predict)
+    brier = np.mean([(t.probs["test"] - y) ** 2 for t in runs], axis=0)
+    return (Origin(key, len(ds.dC), chosen, chosen_tie, naive,
+                   naive_tie, round(float(model.mean()), 6), round(float(ref.mean()), 6)),
+            (model, ref, y, brier, (ds.sets["train"][1].mean() - y) ** 2))
+
+
+def evaluate_backtest(trained, backtest, cfg):
+    """Every origin's choices; its test block's windows pooled with the other origins'."""
+    if not backtest:
+        return None
+    per_origin, arrays = zip(*(evaluate_origin(trained, ds, k, cfg) for k, ds in backtest.items()))
+    day = np.concatenate([test_days_of(ds) + i * cfg.origin_every
+                          for i, ds in enumerate(backtest.values())])
+    model, ref, y, brier, brier_rate = (np.concatenate(a) for a in zip(*arrays))
+    gap = bootstrap_gap(model - ref, y, day, cfg.seed)
+    log.info("backtest, chosen model vs chosen naive baseline: gap %+.3f, 95%% interval "
+             "[%.3f, %.3f]: %s", gap.accuracy.gap, *gap.accuracy.ci95, gap.accuracy.claim)
+    pooled = {k: {m: round(float(v), 6) for m, v in rates(day_sums(c, y, day).sum(0)).items()}
+              for k, c in (("model", model), ("naive", ref))}
+    return Backtest(list(backtest), int(day.max() + 1), len(y), BLOCK_DAYS, BOOTSTRAP_RESAMPLES,
+                    gap.accuracy, gap.balanced_accuracy, pooled,
+                    {"model": round(float(brier.mean()), 6),
+                     "training rate": round(float(brier_rate.mean()), 6)}, list(per_origin))
 
 
 # ==== The run: every step of the method, in order =====================================
 def run(argv=None):
-    """Load -> C -> windows -> train -> choose -> evaluate -> sweep -> map -> report."""
+    """Load -> C -> windows -> train -> choose -> evaluate -> sweep -> map -> backtest -> report."""
     cfg = build_config(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends it as Ctrl-C does
     marks = {"start": time.perf_counter()}  # the end of each step, for `timing`
@@ -777,12 +855,17 @@ def run(argv=None):
     d, negatives = daily_differences(cum, cfg.start, cfg.end)
     log.info("%s (%s): %d countries x %d days, %d negative days clipped", cfg.data, layout,
              *d.shape, len(negatives))
-    corr, zero_var, C = countries_of_C(d, cfg.threshold)
-    datasets = build_datasets(d, C, cfg)
+    corr, zero_var, C = countries_of_C(training_days(d, cfg.test_days, cfg.val_days),
+                                       cfg.threshold)
+    log.info("C: %d countries with r > %.2f over the training days (%d zero-variance)", len(C),
+             cfg.threshold, len(zero_var))
+    datasets, backtest = build_datasets(d, C, cfg), backtest_datasets(d, cfg)
     check_writable(cfg.out)
     marks["data"] = time.perf_counter()
-    trained, workers = train_all(datasets, cfg, device, meanwhile=lambda: plot_correlations(
-        d.loc[d.index[:10]].T.corr(), corr.loc[C, C], cfg.out))
+    trained, workers = train_all(
+        {**datasets, **backtest}, planned_jobs(cfg, backtest), cfg, device,
+        meanwhile=lambda: plot_correlations(d.loc[d.index[:10]].T.corr(), corr.loc[C, C],
+                                            d.columns[-cfg.test_days - cfg.val_days - 1], cfg.out))
     plot_learning_curves(trained, cfg)
     marks["train"] = time.perf_counter()
     evaluation = evaluate(trained, datasets, cfg)
@@ -791,8 +874,11 @@ def run(argv=None):
     world_map = write_world_map(*world_map_inputs(d, C, trained, cfg, evaluation.chosen),
                                 cfg.out, cfg.topojson_dir)
     marks["map"] = time.perf_counter()
+    results = evaluate_backtest(trained, backtest, cfg)
+    marks["backtest"] = time.perf_counter()
     write_outputs(Outcome(cfg, data_summary(d, layout, negatives, zero_var, C, datasets[cfg.L]),
-                          evaluation, list(trained.values()), sweep, world_map,
+                          evaluation, [t for k, t in trained.items() if k[1] not in backtest],
+                          sweep, world_map, results,
                           timing(marks, device=str(device), threads=cfg.threads, workers=workers)))
     return 0
 
@@ -818,29 +904,18 @@ class DataSummary:
     first_day: str
     last_day: str
     negatives: list            # {"country", "date", "value"} of each clipped correction
-    corrections_scored: list   # {"country", "label_day", "split"} of C's windows next to one
     zero_variance_countries: list
     C: list
     inactive_train_windows_dropped: int
     last_training_label_day: str
-    corrections_in_map_inputs: list  # "country date" of corrections among the map's inputs
     splits: dict                     # split -> windows, label days, fraction of label 1
 
 
 def data_summary(d, layout, negatives, zero_var, C, ds):
-    """The clipped day (0, compared with the day before) and the day after (compared with that
-    0) are the label days a correction touches."""
     dates = d.columns
-    index = {str(day.date()): i for i, day in enumerate(dates)}
-    split_of = {int(t): k for k in ds.masks for t in ds.label_days(k)}
-    touched = [{"country": n["country"], "label_day": str(dates[t].date()), "split": split_of[t]}
-               for n in negatives if n["country"] in C
-               for t in (index[n["date"]], index[n["date"]] + 1) if t in split_of]
     return DataSummary(
         layout, int(d.shape[0]), int(d.shape[1]), str(dates[0].date()), str(dates[-1].date()),
-        negatives, touched, zero_var, C, ds.dropped, str(dates[ds.label_days("train")[-1]].date()),
-        [f"{n['country']} {n['date']}" for n in negatives
-         if pd.Timestamp(n["date"]) > dates[-1 - ds.L]],
+        negatives, zero_var, C, ds.dropped, str(dates[ds.label_days("train")[-1]].date()),
         {k: {"windows": int(len(y)), "label_days": int(ds.masks[k].sum()),
              "rise_fraction": round(float(y.mean()), 6) if len(y) else None}
          for k, (X, y) in ds.sets.items()})
@@ -855,30 +930,41 @@ class Outcome:
     models: list  # every Training, in planned order
     sweep: Sweep
     map: "WorldMap"
+    backtest: Backtest  # None without origins
     timing: dict
 
 
+def json_value(v):
+    """metrics.json's form of a seed_summary table (rows, NaN as null) or of anything else."""
+    return json.loads(v.reset_index().to_json(orient="records")) if isinstance(
+        v, pd.DataFrame) else str(v)
+
+
 def write_outputs(o):
-    if o.sweep.models:
+    if o.sweep.models is not None:
         plot_sweep(o.sweep, o.config.out)
+    if o.backtest:
+        plot_backtest(o.backtest, o.config.out)
     write_text_atomically(o.config.out / "REPORT.md", build_report(o))
     record = dataclasses.asdict(o, dict_factory=lambda items: {  # probs, curves: CSV, figures
         k: v for k, v in items if k not in ("probs", "curves")})
     write_text_atomically(o.config.out / "metrics.json",
-                          json.dumps(record, indent=2, default=str) + "\n")
+                          json.dumps(record, indent=2, default=json_value) + "\n")
     log.info("wrote %s (total %.0f s)", o.config.out, o.timing["total_s"])
 
 
 # ==== Appendix A: figures =============================================================
-def plot_correlations(corr_first10, corr_C, out):
-    """Lower-triangle heatmap of the first 10 countries (the assignment's) and clustered C."""
+def plot_correlations(corr_first10, corr_C, last_training_day, out):
+    """Lower-triangle heatmap of the first 10 countries (the assignment's: all days) and
+    clustered C (the training days, which chose it)."""
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(7, 6))
     mask = np.triu(np.ones(corr_first10.shape, dtype=bool), k=1)
     sns.heatmap(corr_first10, mask=mask, cmap="vlag", vmin=-1, vmax=1, annot=True, fmt=".2f",
                 annot_kws={"size": 7}, square=True, ax=ax, cbar_kws={"label": "Pearson r"})
-    ax.set_title("Correlation of daily new cases: first 10 countries\n(blank: zero variance)")
+    ax.set_title("Correlation of daily new cases: first 10 countries, all days\n"
+                 "(blank: zero variance)")
     save_figure_atomically(fig, out / "corr_first10.png")
     size = min(4 + 0.18 * len(corr_C), 24)
     with warnings.catch_warnings():
@@ -887,7 +973,8 @@ def plot_correlations(corr_first10, corr_C, out):
         grid = sns.clustermap(corr_C, cmap="vlag", vmin=-1, vmax=1, figsize=(size, size),
                               xticklabels=True, yticklabels=True, cbar_kws={"label": "Pearson r"})
     grid.ax_heatmap.tick_params(labelsize=7)
-    grid.fig.suptitle(f"Clustered correlations of the {len(corr_C)} countries of C", y=1.01)
+    grid.fig.suptitle(f"Clustered correlations of the {len(corr_C)} countries of C, training "
+                      f"days up to {last_training_day.date()}", y=1.01)
     save_figure_atomically(grid.fig, out / "corr_C_clustered.png")
 
 
@@ -910,12 +997,9 @@ def plot_learning_curves(trained, cfg):
 def plot_sweep(sweep, out):
     """Test accuracy against L per model (mean ± std over seeds) and per baseline."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for cell in MODELS:
-        pts = sorted((s.L, s.accuracy.mean, s.accuracy.std or 0.0)
-                     for s in sweep.models if s.model == cell)
-        if pts:
-            Ls, m, s = zip(*pts)
-            ax.errorbar(Ls, m, yerr=s, marker="o", capsize=3, label=cell.upper())
+    for cell, rows in sweep.models.sort_index().groupby(level="model", sort=False):
+        ax.errorbar(rows.index.get_level_values("L"), rows["accuracy"],
+                    yerr=rows["accuracy_std"].fillna(0), marker="o", capsize=3, label=cell.upper())
     baselines, Ls = sweep.baselines, sorted(sweep.baselines)
     for name in baselines[Ls[0]]:
         ax.plot(Ls, [baselines[x][name] for x in Ls], label=name, **BASELINES[name].style)
@@ -923,6 +1007,21 @@ def plot_sweep(sweep, out):
            title="Test accuracy against window length")
     ax.legend(fontsize=8, loc="best")
     save_figure_atomically(fig, out / "L_sweep.png")
+
+
+def plot_backtest(backtest, out):
+    """Each origin's test-block accuracy: the model and the naive baseline chosen there."""
+    rows = pd.DataFrame(map(dataclasses.asdict, backtest.per_origin))
+    x = pd.to_datetime(rows["origin"])
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(rows)), 4.5))
+    ax.plot(x, rows["model_accuracy"], "o-", color="C0", label="model chosen at the origin")
+    ax.plot(x, rows["naive_accuracy"], "s--", color="C3", label="naive baseline chosen there")
+    ax.set(xlabel=f"origin (first day of its {backtest.test_days // len(rows)}-day test block)",
+           ylabel="test-block accuracy", title=f"Backtest: {len(rows)} forecast origins, "
+           f"each choosing from the days before it")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.autofmt_xdate()
+    save_figure_atomically(fig, out / "backtest.png")
 
 
 # ==== Appendix B: world map ===========================================================
@@ -945,13 +1044,10 @@ def world_map_inputs(d, countries_C, trained, cfg, chosen):
     """The map's table (per data country, P(rise) by the chosen model), title and caption."""
     last = d.to_numpy()[:, -cfg.L:]
     p = np.mean([t.probs["latest"] for t in main_runs(trained, chosen, cfg)], axis=0)
-    world = pd.DataFrame({
-        "country": d.index,
-        "probability": p.astype(float),  # a sigmoid's mean: already in [0, 1]
-        "in_C": d.index.isin(countries_C),
+    world = pd.DataFrame({  # probability: a sigmoid's mean, already in [0, 1]
+        "country": d.index, "probability": p.astype(float), "in_C": d.index.isin(countries_C),
         "low_activity": last.mean(axis=1) < cfg.min_mean,
-        "last_values": [", ".join(str(int(v)) for v in row) for row in last],
-    })
+        "last_values": [", ".join(str(int(v)) for v in row) for row in last]})
     day, cutoff = d.columns[-1], d.columns[-cfg.test_days - cfg.val_days - 1].date()
     title = (f"P(new cases on {(day + pd.Timedelta(days=1)).date()} exceed {day.date()}): "
              f"{chosen.upper()}, L={cfg.L}<br><sub>trained on the {len(countries_C)} countries "
@@ -1103,7 +1199,7 @@ def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
 
 # ==== Appendix C: report ==============================================================
 def _fmt(v, digits=3):
-    return "–" if v is None else f"{v:.{digits}f}"
+    return "–" if v is None or v != v else f"{v:.{digits}f}"  # None or NaN: no value
 
 
 def _n(count, noun):
@@ -1115,8 +1211,10 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def _mean_std(s):
-    return _fmt(s.mean) if s.std is None else f"{_fmt(s.mean)} ± {_fmt(s.std)}"
+def _mean_std(row, metric="accuracy"):
+    """A seed_summary row's mean ± sample std of `metric` (the mean alone for one seed)."""
+    mean, std = row[metric], row[f"{metric}_std"]
+    return _fmt(mean) if std != std else f"{_fmt(mean)} ± {_fmt(std)}"
 
 
 def _gap_cell(shown_model, shown_base, interval):
@@ -1127,29 +1225,8 @@ def _gap_cell(shown_model, shown_base, interval):
     return f"{points(round(shown_model, 3) - round(shown_base, 3))} [{points(lo)}, {points(hi)}]"
 
 
-def _model_name(cell, o):
-    how = "chosen on validation" if len(o.config.models) > 1 else "the only model trained"
-    return f"**{cell.upper()}** ({how})" if cell == o.evaluation.chosen else cell.upper()
-
-
-def _corrections(data):
-    def listed(items, shown=10):
-        return ", ".join(items[:shown]) + (", …" if len(items) > shown else "")
-    neg, touched = data.negatives, data.corrections_scored
-    text = f"{len(neg)}, clipped to 0" + (" (" + listed(
-        [f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg]) + ")" if neg else "")
-    if not touched:
-        return text + ". None is next to a label day of C's windows."
-    per_split = ", ".join(f"{sum(t['split'] == k for t in touched)} {k}"
-                          for k in ("train", "val", "test"))
-    first = sorted(touched, key=lambda t: ("test", "val", "train").index(t["split"]))
-    return (f"{text}. {_n(len(touched), 'label day')} of C's windows ({per_split}) compare with "
-            "a clipped 0 and keep that artefact: "
-            + listed([f"{t['country']} {t['label_day']} ({t['split']})" for t in first]) + ".")
-
-
 def report_data(o):
-    cfg, data = o.config, o.data
+    cfg, data, neg = o.config, o.data, o.data.negatives
     splits = ", ".join(f"{k} {s['windows']} ({s['label_days']} label days, "
                        f"{100 * s['rise_fraction']:.1f}% label 1)" for k, s in data.splits.items())
     runs = {t.model: t.plan for t in o.models if (t.L, t.seed) == (cfg.L, cfg.seed)}
@@ -1166,7 +1243,10 @@ def report_data(o):
         "## Data", "",
         f"- Layout `{data.layout}`: {data.countries} countries/regions, {data.days} days of "
         f"daily differences from {data.first_day} to {data.last_day}.",
-        f"- Negative daily differences (upstream corrections): {_corrections(data)}",
+        f"- Negative daily differences (upstream corrections), clipped to 0: {len(neg)}"
+        + "".join(f"{', ' if i else ' ('}{n['country']} {n['date']}: {n['value']:.0f}"
+                  for i, n in enumerate(neg[:10])) + (", …)" if len(neg) > 10 else ")" * bool(neg))
+        + ".",
         f"- C: the {len(data.C)} countries with r > {cfg.threshold} to another country "
         f"({len(data.zero_variance_countries)} zero-variance countries excluded).",
         f"- Label 1: {LABEL_RULE}.",
@@ -1175,36 +1255,45 @@ def report_data(o):
         f"cases a day; its last label day is {data.last_training_label_day}.",
         f"- Training: Adam, learning rate {cfg.lr:g}, weight decay {plan.weight_decay:g}; "
         + ", ".join(f"{c.upper()} {p.steps}" for c, p in runs.items())
-        + f" steps, each on {each}; the weights of {kept} are kept{why}", ""]
+        + f" steps, each on {each}; the weights of {kept} are kept{why}",
+        f"- Set before the run (preset `{cfg.preset}` and flags): L = {cfg.L}, threshold "
+        f"{cfg.threshold}, {cfg.test_days} test and {cfg.val_days} validation days, "
+        f"{BLOCK_DAYS}-day bootstrap blocks, {cfg.origins} backtest origins; the default preset "
+        "fixes L and the threshold by hand, and took steps, weight decay, learning rate and "
+        "--min-mean from a validation grid (bench/grid_rnn_covid.py). Chosen in the run on "
+        "validation days: the model, the naive baseline and the early-stopping step, at every "
+        "backtest origin too.", ""]
 
 
 def report_results(o):
     ev = o.evaluation
     base, naive, lr = ev.baselines, ev.naive, "logistic regression"
-    rows = [[f"{_model_name(cell, o)}, {_n(s.seeds, 'seed')}",
-             *(_mean_std(getattr(s, k)) for k in METRIC_NAMES),
-             *(_gap_cell(s.accuracy.mean, base[b].accuracy, ev.gaps[cell][b].accuracy)
-               for b in (naive, lr))] for cell, s in ev.summary.items()]
+    how = "chosen on validation" if len(o.config.models) > 1 else "the only model trained"
+    rows = [[(f"**{cell.upper()}** ({how})" if cell == ev.chosen else cell.upper())
+             + f", {_n(int(s['seeds']), 'seed')}",
+             *(_mean_std(s, k) for k in METRIC_NAMES),
+             *(_gap_cell(s["accuracy"], base[b].accuracy, ev.gaps[cell][b].accuracy)
+               for b in (naive, lr))] for (cell, _), s in ev.summary.iterrows()]
     rows += [[f"{name} ({BASELINES[name].note})", _fmt(r.accuracy), _fmt(r.balanced_accuracy),
               _fmt(r.roc_auc) + ("" if BASELINES[name].learned else "†"), _fmt(r.f1_rise),
               "–", "–"] for name, r in base.items()]
     header = ["method", "accuracy", "balanced acc.", "ROC AUC", "F1 (rise)",
               f"gap to {naive} [95% CI]", "gap to logistic regression [95% CI]"]
-    on_test = max((n for n, b in BASELINES.items() if not b.learned),
-                  key=lambda n: base[n].accuracy)
     chosen = ("Model selection uses validation accuracy (mean over seeds): "
               + ", ".join(f"{c.upper()} {_fmt(a)}" for c, a in ev.val_accuracy.items())
-              + f" → **{ev.chosen.upper()}**." if len(ev.val_accuracy) > 1
+              + f" → **{ev.chosen.upper()}**" + (", a tie: the best two lie less than one "
+              "validation window apart." if ev.chosen_tie else ".") if len(ev.val_accuracy) > 1
               else "One model trained: nothing was chosen.")
-    also = (f" On test {on_test} scores higher ({_fmt(base[on_test].accuracy)})."
-            if on_test != naive else "")
-    return [f"## Results on the test windows (L = {o.config.L})", "", markdown_table(header, rows),
+    word = VERDICTS[ev.gaps[ev.chosen][naive].accuracy.claim].format(naive)
+    return [f"## The single split: the last {o.data.splits['test']['label_days']} days (L = "
+            f"{o.config.L})", "", f"In accuracy the chosen model {word}.", "",
+            markdown_table(header, rows),
             "", "Models: mean ± sample std over seeds (the spread between training runs). Gaps: "
             f"accuracy points; intervals: {ev.interval}. † ROC AUC of a 0/1 prediction: it "
             "equals the balanced accuracy.", "", chosen,
             f"The strongest naive baseline on validation: {naive} "
             f"({_fmt(ev.baselines_val[naive].accuracy)}; logistic regression "
-            f"{_fmt(ev.baselines_val[lr].accuracy)}).{also}", ""]
+            f"{_fmt(ev.baselines_val[lr].accuracy)}).", ""]
 
 
 VERDICTS = {"beats": "beats {}: the whole interval lies above 0",
@@ -1213,59 +1302,68 @@ VERDICTS = {"beats": "beats {}: the whole interval lies above 0",
                                  "includes 0"}
 
 
-def report_verdict(o):
-    ev = o.evaluation
-    naive, s, lr = ev.naive, ev.summary[ev.chosen], "logistic regression"
-    base, gap = ev.baselines[naive], ev.gaps[ev.chosen][naive]
-    lr_acc, lr_gap = ev.baselines[lr].accuracy, ev.gaps[ev.chosen][lr].accuracy
-    acc, bal = s.accuracy.mean, s.balanced_accuracy.mean
-    spread = (f"mean over {s.seeds} seeds; sample std {_fmt(s.accuracy.std)}" if s.seeds > 1
-              else "one seed")
-    return [f"**Verdict.** The {_model_name(ev.chosen, o)} reaches a test accuracy of "
-            f"{_fmt(acc)} ({spread}) against {_fmt(base.accuracy)} for {naive}, a gap of "
-            f"{_gap_cell(acc, base.accuracy, gap.accuracy)} points: it "
-            f"{VERDICTS[gap.accuracy.claim].format(naive)}. In balanced accuracy ({_fmt(bal)} "
-            f"against {_fmt(base.balanced_accuracy)}) the gap is "
-            f"{_gap_cell(bal, base.balanced_accuracy, gap.balanced_accuracy)}: it "
-            f"{VERDICTS[gap.balanced_accuracy.claim].format(naive)}. Against logistic regression "
-            f"on the same windows ({_fmt(lr_acc)}) the gap is {_gap_cell(acc, lr_acc, lr_gap)}: "
-            f"it {VERDICTS[lr_gap.claim].format(lr)}.", ""]
+def report_backtest(o):
+    b, cfg = o.backtest, o.config
+    if b is None:
+        return []
+
+    def said(metric):
+        v, m, base = getattr(b, metric), b.pooled["model"][metric], b.pooled["naive"][metric]
+        return (f"{_fmt(m)} against {_fmt(base)}, a gap of {_gap_cell(m, base, v)} points (each "
+                f"bound moves by at most {100 * v.bound_spread:.2f} between {BOOTSTRAP_SEEDS} "
+                "bootstrap seeds): the chosen model " + VERDICTS[v.claim].format("the baseline"))
+    rows = [[r.origin, r.countries, r.chosen.upper() + (" (tie)" if r.chosen_tie else ""),
+             r.naive + (" (tie)" if r.naive_tie else ""), _fmt(r.model_accuracy),
+             _fmt(r.naive_accuracy)] for r in b.per_origin]
+    return [f"## Backtest over {_n(len(b.origins), 'forecast origin')}", "",
+            f"**Verdict.** Over {b.test_days} test days ({b.test_windows:,} windows), the model "
+            "chosen at each origin and the naive baseline chosen there score in accuracy "
+            + said("accuracy") + "; in balanced accuracy " + said("balanced_accuracy") + ".", "",
+            f"Origins {cfg.origin_every} days apart; at each, C (from its training days), early "
+            f"stopping, the model (best mean validation accuracy over {_n(cfg.seeds, 'seed')}; "
+            "a tie: the runner-up less than one window behind) and the naive baseline come from "
+            "the days before it, the models retrain on all earlier days (an expanding window), and "
+            "its test block runs to the next origin. Intervals: 95% percentile, circular bootstrap "
+            f"of {b.block_days}-day blocks, {b.resamples:,} resamples. Brier score "
+            f"{b.brier['model']:.4f} (chosen models, seed-mean probabilities) against "
+            f"{b.brier['training rate']:.4f} (each origin's training rate of label 1).", "",
+            markdown_table(["origin (first test day)", "C", "model (val.)",
+                            "naive baseline (val.)", "model acc.", "baseline acc."], rows), "",
+            "![backtest](backtest.png)", ""]
 
 
 def report_sweep(o):
-    if not o.sweep.models:
+    sweep = o.sweep.models
+    if sweep is None:
         return []
-    sweep = {(s.model, s.L): s for s in o.sweep.models}
-    base, Ls = o.sweep.baselines, sorted({L for _, L in sweep})
-    rows = [[cell.upper(), *(_mean_std(sweep[(cell, x)].accuracy) if (cell, x) in sweep else "–"
+    base, Ls = o.sweep.baselines, sorted(o.sweep.baselines)
+    rows = [[cell.upper(), *(_mean_std(sweep.loc[(cell, x)]) if (cell, x) in sweep.index else "–"
                              for x in Ls)]
-            for cell in MODELS if any((cell, x) in sweep for x in Ls)]
+            for cell in MODELS if cell in sweep.index.get_level_values("model")]
     accs = {n: [base[x][n] for x in Ls] for n in base[Ls[0]]}
     rows += [[name, *map(_fmt, a)] for name, a in accs.items()]
     varying = [f"{n} ({_fmt(min(a))}–{_fmt(max(a))})" for n, a in accs.items() if len(set(a)) > 1]
-    top = max(sweep.values(), key=lambda s: s.accuracy.mean)
+    top_model, top_L = sweep["accuracy"].idxmax()
     return ["## Window length sweep (test accuracy, mean ± sample std over seeds)", "",
             markdown_table(["model", *(f"L={x}" for x in Ls)], rows), "",
             "Every L is scored on the same test label days. Baselines that change with L: "
-            f"{', '.join(varying) or 'none'}. The best point is {top.model.upper()} at L = "
-            f"{top.L} ({_fmt(top.accuracy.mean)}), read on test: a description, not a choice.",
+            f"{', '.join(varying) or 'none'}. The best point is {top_model.upper()} at L = "
+            f"{top_L} ({_fmt(sweep['accuracy'].max())}), read on test: a description, not a "
+            "choice.",
             "", "![L sweep](L_sweep.png)", ""]
 
 
 def report_map(o):
-    cfg, wm, mm, data = o.config, o.map, o.evaluation.map_model, o.data
+    cfg, wm, (acc, *seeds), data = o.config, o.map, o.evaluation.map_accuracy, o.data
     png = "`world_map.png`" if wm.png else f"skipped ({wm.png_skipped_reason})"
     return ["## World map", "",
-            f"P(rise tomorrow) from each country's last {cfg.L} days by {mm.model.upper()}, "
-            f"probabilities averaged over {_n(len(mm.per_seed_accuracy), 'seed')}, for "
-            f"{wm.countries_mapped} of {wm.countries_total} data rows. On the test windows it "
-            f"scores {_fmt(mm.accuracy)}, 95% interval [{_fmt(mm.ci95[0])}, {_fmt(mm.ci95[1])}] "
-            f"(each seed: {', '.join(_fmt(a) for a in mm.per_seed_accuracy)}).",
+            f"P(rise tomorrow) from each country's last {cfg.L} days by "
+            f"{o.evaluation.chosen.upper()}, probabilities averaged over {_n(len(seeds), 'seed')}, "
+            f"for {wm.countries_mapped} of {wm.countries_total} data rows. On the test windows it "
+            f"scores {_fmt(acc)} (each seed: {', '.join(map(_fmt, seeds))}).",
             f"- Trained on the {len(data.C)} countries of C (outlined), label days up to "
             f"{data.last_training_label_day}. Faded: the last {cfg.L} days average under "
             f"{cfg.min_mean} new cases a day.",
-            f"- Clipped corrections among the inputs, read as 0: "
-            f"{', '.join(data.corrections_in_map_inputs) or 'none'}.",
             f"- Excluded non-countries: {', '.join(wm.excluded) or 'none'}.",
             f"- Not mapped to an ISO-3 code: {', '.join(wm.unmapped) or 'none'}.",
             f"- PNG: {png}; [world_map.html](world_map.html); `world_probabilities.csv`.", "",
@@ -1278,7 +1376,7 @@ def build_report(o):
               "baselines", "",
               f"Generated by `rnn_covid.py` (preset `{o.config.preset}`) from `{o.config.data}`;"
               " every number is in `metrics.json`.", ""]
-    sections = (report_verdict, report_data, report_results, report_sweep, report_map)
+    sections = (report_backtest, report_data, report_results, report_sweep, report_map)
     t = o.timing
     figures = ["## Figures", "", "![correlations, first 10 countries](corr_first10.png)", "",
                "![clustered correlations of C](corr_C_clustered.png)", "",

@@ -3,6 +3,7 @@
     python bench/bench_rnn_covid.py              # default run with --jobs 1 and with the default --jobs
     python bench/bench_rnn_covid.py --report     # + the report preset, extrapolated from a few steps
     python bench/bench_rnn_covid.py --scaling    # + the default run on the JHU first year and full series
+    python bench/bench_rnn_covid.py --origins    # + the cost of the backtest against its origins
 
 Every run is the real script in a subprocess, all in this one invocation, so their ratios are
 measured under the same machine load (the 1-minute load average is printed before and after
@@ -28,6 +29,10 @@ import rnn_covid  # noqa: E402  (after the path set-up above)
 JHU = ["--data", "data/time_series_covid19_confirmed_global.csv", "--threshold", "0.7"]
 SCALING = {"assignment file": [], "JHU first year": [*JHU, "--start", "2020-03-01", "--end", "2021-02-28"],
            "JHU full series": JHU}
+# Backtest cost: no L sweep, so that the origins' trainings are most of the run.
+ORIGINS = {"assignment file": ([], (0, 1, 3, 5)),
+           "JHU full series, 28-day blocks": ([*JHU, "--L", "14", "--min-mean", "1",
+                                                "--origin-every", "28"], (0, 6, 12, 18))}
 
 
 def timed_run(args, out):
@@ -43,7 +48,7 @@ def timed_run(args, out):
     return {"args": args, "wall_s": round(wall, 1), "load_before": round(load, 2),
             "load_after": round(os.getloadavg()[0], 2), "jobs": m["timing"]["workers"],
             "train_windows": m["data"]["splits"]["train"]["windows"], "chosen": ev["chosen"],
-            "test_accuracy": ev["summary"][ev["chosen"]]["accuracy"],
+            "test_accuracy": next(s for s in ev["summary"] if s["model"] == ev["chosen"]),
             "verdict": {"baseline": ev["naive"], **v},
             "runs_s": [{"model": t["model"], "s": t["seconds"]} for t in m["models"]],
             "train_s": m["timing"]["train_s"]}
@@ -52,7 +57,7 @@ def timed_run(args, out):
 def show(name, r):
     print(f"{name}: {r['wall_s']:.0f} s ({r['jobs']} worker(s), {r['train_windows']} training windows, "
           f"load {r['load_before']} -> {r['load_after']}); {r['chosen'].upper()} test accuracy "
-          f"{r['test_accuracy']['mean']:.3f}, gap to {r['verdict']['baseline']} {r['verdict']['gap']:+.3f} "
+          f"{r['test_accuracy']['accuracy']:.3f}, gap to {r['verdict']['baseline']} {r['verdict']['gap']:+.3f} "
           f"[{r['verdict']['ci95'][0]:+.3f}, {r['verdict']['ci95'][1]:+.3f}] ({r['verdict']['claim']})", flush=True)
 
 
@@ -77,11 +82,27 @@ def report_estimate(tmp, steps):
             "per_step_s": {c: round(v, 3) for c, v in per_step.items()}}
 
 
+def origins_cost(tmp):
+    """Wall time against the number of backtest origins, per data set: the slope is one
+    origin's cost (its 3 models x seeds trainings), the intercept the rest of the run."""
+    result = {}
+    for name, (extra, counts) in ORIGINS.items():
+        runs = {n: timed_run([*extra, "--sweep-L", "", "--origins", str(n)], Path(tmp) / "o")
+                for n in counts}
+        slope = (runs[counts[-1]]["wall_s"] - runs[0]["wall_s"]) / counts[-1]
+        print(f"{name}: " + ", ".join(f"{n} origins {r['wall_s']:.0f} s" for n, r in runs.items())
+              + f"; {slope:.1f} s per origin", flush=True)
+        result[name] = {"wall_s": {n: r["wall_s"] for n, r in runs.items()},
+                        "s_per_origin": round(slope, 1)}
+    return result
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--report", action="store_true", help="also estimate the report preset's time")
     p.add_argument("--report-steps", type=int, default=20, help="steps per model when extrapolating")
     p.add_argument("--scaling", action="store_true", help="also time the default run on the JHU series")
+    p.add_argument("--origins", action="store_true", help="also time the backtest's origins")
     p.add_argument("--out", type=Path, default=ROOT / "figures" / "bench" / "rnn_covid.json")
     args = p.parse_args()
     result = {"cpus": os.cpu_count(), "default_jobs": rnn_covid.DEFAULT.jobs}
@@ -99,6 +120,8 @@ def main():
             for name, extra in list(SCALING.items())[1:]:
                 result["scaling"][name] = timed_run(extra, Path(tmp) / name.replace(" ", "_"))
                 show(name, result["scaling"][name])
+        if args.origins:
+            result["origins"] = origins_cost(tmp)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rnn_covid.write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -36,12 +36,13 @@ JHU = ["--data", "data/time_series_covid19_confirmed_global.csv", "--threshold",
 def score(args, tmp):
     """One grid point: validation (and, for the record, test) accuracy per model."""
     out = Path(tmp) / "run"
-    cmd = [sys.executable, str(ROOT / "rnn_covid.py"), "--sweep-L", "", "--out", str(out), *args]
+    cmd = [sys.executable, str(ROOT / "rnn_covid.py"), "--sweep-L", "", "--origins", "0",
+           "--out", str(out), *args]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, BROWSER_PATH=""))
     m = json.loads((out / "metrics.json").read_text())
     val = m["evaluation"]["val_accuracy"]
-    test = {model: s["accuracy"]["mean"] for model, s in m["evaluation"]["summary"].items()}
+    test = {s["model"]: s["accuracy"] for s in m["evaluation"]["summary"]}
     return {"args": args, "val": val, "val_mean": round(sum(val.values()) / len(val), 4),
             "test": test, "seconds": round(time.perf_counter() - start, 1),
             "naive_val": max(v["accuracy"] for k, v in m["evaluation"]["baselines_val"].items()
