@@ -46,8 +46,7 @@ def main():
             "|---|---|---|---|---|"]
     for size in map(int, args.sizes.split(",")):
         cfg = vae_anime.dataclasses.replace(base, image_size=size)
-        images, info = vae_anime.load_images(ROOT / cfg.data_dir, size, ROOT / cfg.out / "cache",
-                                             cfg.workers)
+        images, info = vae_anime.load_images(ROOT / cfg.data_dir, size, ROOT / cfg.out / "cache")
         for count in map(int, args.counts.split(",")):
             subset = images[:count or len(images)]
             seconds, n_train = epoch_seconds(subset, cfg, info["key"])

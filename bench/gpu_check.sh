@@ -31,8 +31,7 @@ torchrun_row() {  # torchrun_row GPU_COUNT: DDP over NCCL needs a process group 
         return 0
     fi
     timed vae_torchrun_nccl "$out_dir/vae_torchrun" "$py" -m torch.distributed.run --standalone \
-        --nproc_per_node="$gpus" vae_anime.py --device cuda --kl-weights 1 --epochs 1 \
-        --workers "$(nproc)"
+        --nproc_per_node="$gpus" vae_anime.py --device cuda --kl-weights 1 --epochs 1
 }
 
 main() {
@@ -53,7 +52,7 @@ main() {
         echo "| run | wall time | training time | result |"
         echo "|---|---|---|---|"
     } >"$results"
-    local vae=(vae_anime.py --device cuda --workers "$(nproc)")
+    local vae=(vae_anime.py --device cuda)
     timed rnn_smoke "$out_dir/rnn_smoke" "$py" rnn_covid.py --device cuda --seeds 1 --sweep-L "" --steps 5
     timed vae_smoke "$out_dir/vae_smoke" "$py" "${vae[@]}" --kl-weights 1 --epochs 1 --amp off
     timed vae_smoke_amp "$out_dir/vae_smoke_amp" "$py" "${vae[@]}" --kl-weights 1 --epochs 1 --amp on

@@ -17,8 +17,10 @@ def rnn_cells(m):
     gap = e["gaps"][chosen][naive]["accuracy"]
     lo, hi = gap["ci95"]
     train_s = sum(run["seconds"] for run in m["models"])
+    row = next(r for r in e["summary"] if r["model"] == chosen)      # one row per model
+    accuracy = mean_std({"mean": row["accuracy"], "std": row["accuracy_std"]})
     return (f"{train_s:.0f} s ({m['timing']['workers']} worker(s))",
-            f"{chosen} test accuracy {mean_std(e['summary'][chosen]['accuracy'])}; gap to {naive} "
+            f"{chosen} test accuracy {accuracy}; gap to {naive} "
             f"{100 * gap['gap']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]: {gap['claim']}")
 
 

@@ -31,7 +31,7 @@ def test_torchrun_row_is_skipped_with_its_reason_below_two_gpus(tmp_path, gpus):
 def test_torchrun_row_runs_one_process_per_gpu(tmp_path):
     # `timed` replaced by an echo: the row's command line is what is checked, not CUDA.
     (row,) = rows_after(tmp_path, 'timed() { echo "ran $*" >>"$results"; }; torchrun_row 4')
-    assert "--nproc_per_node=4" in row and "--device cuda" in row and "--workers" in row
+    assert "--nproc_per_node=4" in row and "--device cuda" in row and "--kl-weights 1" in row
 
 
 def test_a_failing_run_and_a_failing_summary_are_marked_not_left_empty(tmp_path):

@@ -58,6 +58,85 @@ def test_extreme_parameters_give_finite_values_and_gradients():
 
 
 # --------------------------------------------------------------------------------------
+# The coupled mixture (PixelCNN++'s per-pixel distribution)
+# --------------------------------------------------------------------------------------
+
+
+def mixture_output(k, n, gen, log_scale_range=(-8.0, 2.0)):
+    """n pixels of the decoder's 10k channels (as n 1×1 images): random weights, means partly
+    outside [0, 1], log scales in `log_scale_range`, coupling logits of any size."""
+    logits = torch.randn(n, k, 1, 1, generator=gen) * 3
+    means = torch.rand(n, 3 * k, 1, 1, generator=gen) * 1.4 - 0.2
+    lo, hi = log_scale_range
+    log_scales = torch.rand(n, 3 * k, 1, 1, generator=gen) * (hi - lo) + lo
+    coupling = torch.randn(n, 3 * k, 1, 1, generator=gen) * 3
+    return torch.cat([logits, means, log_scales, coupling], dim=1)
+
+
+@pytest.mark.parametrize("log_scales", [(-8.0, 2.0), (-14.0, -10.0), (5.0, 9.0)])
+def test_each_coupled_conditional_sums_to_one_over_the_256_levels(log_scales):
+    """p(R), p(G | R) and p(B | R, G) of every component, for random actual R and G; in
+    float64, as float32's rounding of x − mean is a visible share of a scale below e^-10."""
+    gen = torch.Generator().manual_seed(0)
+    out = mixture_output(3, 200, gen, log_scales).double()
+    _, means, scales, coupling = vae_anime.mixture_parts(out)
+    r, g = (torch.randint(0, 256, (200, 1, 1, 1), generator=gen).double() / 255 for _ in range(2))
+    shifted = vae_anime.coupled_means(means, coupling, r, g)            # 200×3×3×1×1
+    log_p = vae_anime.discretized_logistic_log_prob(
+        LEVELS.double().view(256, 1, 1, 1, 1, 1), shifted.unsqueeze(0), scales.unsqueeze(0))
+    total = torch.logsumexp(log_p, dim=0).exp()                        # over the 256 levels
+    assert torch.isfinite(log_p).all()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-4), total.min()
+    # The coupling uses the actual R and G: G's mean moved by a·R, B's by b·R + c·G.
+    torch.testing.assert_close(shifted[:, 1], means[:, 1] + coupling[:, 0] * r)
+    torch.testing.assert_close(shifted[:, 2], means[:, 2] + coupling[:, 1] * r + coupling[:, 2] * g)
+
+
+def test_the_mixture_matches_a_hand_sum_over_components_with_scipy():
+    """With the conditionals above summing to 1, this makes the joint sum to 1 over 256³."""
+    gen = torch.Generator().manual_seed(2)
+    out = mixture_output(2, 5, gen, (-4.0, -1.0)).double()
+    x = torch.randint(0, 256, (5, 3, 1, 1), generator=gen).double() / 255
+    got = vae_anime.reconstruction_nats(out, x, "logistic-mixture")
+    cdf = lambda v, m, s: scipy.stats.logistic.cdf(v, m, s)            # noqa: E731
+    for i in range(5):
+        o, (r, g, b) = out[i, :, 0, 0].numpy(), x[i, :, 0, 0].numpy()
+        w = np.exp(o[:2]) / np.exp(o[:2]).sum()
+        p = 0.0
+        for k in range(2):
+            m, ls, c = (o[start:start + 6].reshape(3, 2)[:, k] for start in (2, 8, 14))
+            a, bb, cc = np.tanh(c)
+            means = (m[0], m[1] + a * r, m[2] + bb * r + cc * g)
+            prob = 1.0
+            for v, mean, s in zip((r, g, b), means, np.exp(ls)):
+                hi = 1.0 if v > 1 - 1e-9 else cdf(v + 0.5 / 255, mean, s)
+                lo = 0.0 if v < 1e-9 else cdf(v - 0.5 / 255, mean, s)
+                prob *= hi - lo
+            p += w[k] * prob
+        assert got[i].item() == pytest.approx(-math.log(p), rel=1e-6)
+
+
+def test_draws_follow_the_mixture_and_the_coupling():
+    """Many draws of one pixel: their mean is the distribution's mean (scales small, means
+    inside [0, 1]), and G follows the drawn R with the component's coefficient."""
+    k, n = 2, 20_000
+    out = torch.zeros(1, 10 * k, 1, 1)
+    out[0, :k] = torch.tensor([0.0, math.log(3)]).view(2, 1, 1)          # weights 1/4, 3/4
+    out[0, k:4 * k] = torch.tensor([0.3, 0.6, 0.2, 0.6, 0.5, 0.4]).view(6, 1, 1)  # R, G, B
+    out[0, 4 * k:7 * k] = -3.0
+    out[0, 7 * k:] = torch.tensor([0.5, -0.5, 0, 0, 0, 0]).atanh().view(6, 1, 1)  # a = ±0.5
+    draws = vae_anime.draw_pixels(out.expand(n, -1, -1, -1), "logistic-mixture",
+                                  torch.Generator().manual_seed(0))[:, :, 0, 0]
+    assert draws.shape == (n, 3)
+    assert torch.equal(draws, (draws * 255).round() / 255)                # on the 256 levels
+    mean = vae_anime.distribution_mean(out, "logistic-mixture")[0, :, 0, 0]
+    torch.testing.assert_close(draws.mean(0), mean, atol=0.01, rtol=0)
+    second = draws[draws[:, 0] > 0.5]                                   # almost all component 2
+    slope = np.polyfit(second[:, 0].numpy(), second[:, 1].numpy(), 1)[0]
+    assert slope == pytest.approx(-0.5, abs=0.1)                        # G moves with the drawn R
+
+
+# --------------------------------------------------------------------------------------
 # The importance-weighted bound
 # --------------------------------------------------------------------------------------
 
