@@ -223,9 +223,7 @@ def load_images(data_dir, size, cache_dir, write_cache=True):
     key, cache_path = file_list_key(files, data_dir, size), cache_dir / f"images_{size}px.pt"
     start, cached = time.perf_counter(), {}
     try:
-        cached = torch.load(cache_path, weights_only=True)
-    except FileNotFoundError:
-        pass
+        cached = torch.load(cache_path, weights_only=True) if cache_path.exists() else {}
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         log.warning(f"warning: the image cache {cache_path} is damaged ({type(err).__name__}): "
                     "rebuilding it")
@@ -1073,9 +1071,10 @@ def gaussian_reading(metrics):
 
 def figures_section(runs, out):
     lines = ["## Figures\n", "![the three λ side by side](lambda_comparison.png)\n",
-             "Samples and reconstructions show the mean of p(x|z); the last row of each samples "
-             "figure holds one draw from p(x|z) for each z of the first row: what the likelihood "
-             "itself models.\n"]
+             "Samples and reconstructions show the mean of p(x|z) (a mixture's: each component's R "
+             "mean put into its G and B means, clamped to [0, 1], weighted by the component "
+             "probabilities); the last row of each samples figure holds one draw from p(x|z) for "
+             "each z of the first row: what the likelihood itself models.\n"]
     if (out / "rate_distortion.png").exists():
         lines.append("![rate and distortion of each λ](rate_distortion.png)\n")
     for r in runs:
