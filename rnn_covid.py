@@ -995,7 +995,7 @@ def plot_backtest(backtest, out):
     ax.set(xlabel=f"origin (first day of its {backtest.test_days // len(rows)}-day test block)",
            ylabel="test-block accuracy", title=f"Backtest: {len(rows)} forecast origins, "
            f"each choosing from the days before it")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left")
     fig.autofmt_xdate()
     save_figure_atomically(fig, out / "backtest.png")
 
