@@ -1,6 +1,7 @@
 """Quality at equal wall time of vae_anime.py's training settings, side by side in one run:
 the likelihood p(x|z) (today's per-sub-pixel logistic against the coupled mixture with K
-components), the learning rate and its decay per epoch.
+components), normalisation (BatchNorm or GroupNorm after every hidden convolution), the learning
+rate and its decay per epoch.
 
     python bench/bench_vae_anime.py [--budget 180] [--slice 5] [--only 0,2] [--out DIR]
 
@@ -26,16 +27,34 @@ import vae_anime  # noqa: E402  (first: it sets the OpenMP wait policy before to
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-# (name, likelihood: "today" or K components of the coupled mixture, lr, lr factor per epoch)
+# (name, likelihood: "today" or K components of the coupled mixture, lr, lr factor per epoch,
+#  normalisation after every hidden convolution: None, "batch" or "group")
 CONTESTANTS = [
-    ("today: a logistic per sub-pixel", "today", 1e-3, 1.0),
-    ("coupled, K = 1", 1, 1e-3, 1.0),
-    ("coupled mixture, K = 2", 2, 1e-3, 1.0),
-    ("coupled mixture, K = 3", 3, 1e-3, 1.0),
-    ("coupled mixture, K = 5", 5, 1e-3, 1.0),
-    ("coupled mixture, K = 3, lr 2e-3", 3, 2e-3, 1.0),
-    ("coupled mixture, K = 3, lr 2e-3 × 0.8 per epoch", 3, 2e-3, 0.8),
+    ("today: a logistic per sub-pixel", "today", 1e-3, 1.0, None),
+    ("coupled, K = 1", 1, 1e-3, 1.0, None),
+    ("coupled mixture, K = 2", 2, 1e-3, 1.0, None),
+    ("coupled mixture, K = 3", 3, 1e-3, 1.0, None),
+    ("coupled mixture, K = 5", 5, 1e-3, 1.0, None),
+    ("coupled mixture, K = 3, lr 2e-3", 3, 2e-3, 1.0, None),
+    ("coupled mixture, K = 3, lr 2e-3 × 0.8 per epoch", 3, 2e-3, 0.8, None),
+    ("coupled mixture, K = 3, BatchNorm", 3, 1e-3, 1.0, "batch"),
+    ("coupled mixture, K = 3, lr 1e-3 × 0.7 per epoch", 3, 1e-3, 0.7, None),
+    ("coupled mixture, K = 3, lr 1e-3 × 0.5 per epoch", 3, 1e-3, 0.5, None),
+    ("coupled mixture, K = 3, GroupNorm (8 groups)", 3, 1e-3, 1.0, "group"),
+    ("coupled mixture, K = 3, BatchNorm, lr 1e-3 × 0.7 per epoch", 3, 1e-3, 0.7, "batch"),
 ]
+
+
+def with_norm(layers, kind):
+    """The same layers with a BatchNorm2d (or an 8-group GroupNorm) after every convolution but
+    the output's."""
+    out = []
+    for i, layer in enumerate(layers):
+        out.append(layer)
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and i < len(layers) - 1:
+            c = layer.out_channels
+            out.append(nn.BatchNorm2d(c) if kind == "batch" else nn.GroupNorm(8, c))
+    return nn.Sequential(*out)
 
 
 def today_nats(out, x):
@@ -52,7 +71,7 @@ def mixture_nats(out, x):
 class Contestant:
     """One setting's training: its model, optimiser, position in the epoch and time spent."""
 
-    def __init__(self, name, likelihood, lr, lr_decay):
+    def __init__(self, name, likelihood, lr, lr_decay, norm):
         self.name, self.lr, self.lr_decay = name, lr, lr_decay
         torch.manual_seed(0)                      # the script's initial weights
         if likelihood == "today":
@@ -61,6 +80,9 @@ class Contestant:
             nn.init.constant_(self.model.decoder[-1].bias[3:], vae_anime.INITIAL_LOG_SCALE)
         else:
             self.model, self.nats = vae_anime.VAE(components=likelihood), mixture_nats
+        if norm:
+            self.model.encoder = with_norm(self.model.encoder, norm)
+            self.model.decoder = with_norm(self.model.decoder, norm)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, fused=True)
         self.noise = torch.Generator().manual_seed(1)
         self.seconds, self.images, self.epoch, self.position, self.order = 0.0, 0, 0, 0, None
