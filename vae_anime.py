@@ -495,7 +495,7 @@ def start_or_resume(cfg, kl_weight, data_key, device, bf16, path):
         ckpt = torch.load(path, map_location=device, weights_only=False)
         saved = ckpt["settings"] | {"images": ckpt["data_key"]}
     except (OSError, RuntimeError, EOFError, ValueError, KeyError) as err:
-        raise UserError(f"cannot read checkpoint {path} ({err}): delete it, drop --resume") from None
+        raise UserError(f"cannot read {path} ({err}): delete it or drop --resume") from None
     changed = [f"{k} {saved.get(k)} -> {v}" if k != "images" else "other images" for k, v in
                (dataclasses.asdict(settings) | {"images": data_key}).items() if saved.get(k) != v]
     if changed:

@@ -452,7 +452,8 @@ def test_default_run_writes_every_output(default_run):
     report = (out / "REPORT.md").read_text()
     elbo_1 = metrics["yardstick"]["models"]["1"]["elbo_bpd"]
     assert f"| VAE λ = 1, negative ELBO | {elbo_1:.3f} |" in report              # from the run
-    assert f"| mean training image |  |  |  | {metrics['anchors']['mean_image_mse']:.4f} |" in report
+    mse = metrics["anchors"]["mean_image_mse"]
+    assert f"| mean training image |  |  |  | {mse:.4f} |" in report
     ckpt = torch.load(out / "checkpoints" / "lambda_1.pt", weights_only=False)
     trained = sum(p.numel() for p in ckpt["model"].values())
     assert f"The model as PyTorch prints it, {trained:,} parameters" in report
