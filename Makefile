@@ -27,10 +27,11 @@ data/topojson/world_110m.json:
 		&& mkdir -p data/topojson && cp $$tmp/package/dist/*.json data/topojson/ && rm -rf $$tmp; \
 	else echo "note: npm not found; the world map will fetch country shapes from plotly's CDN"; fi
 
-# Speed: rnn_covid --jobs 1 against the default; the VAE step, old against new, at equal wall clock.
+# Speed: rnn_covid --jobs 1 against the default; the VAE step, old against new, at equal wall clock
+# (bench/bench_vae_anime.py alone runs every validation contestant: about 35 min).
 bench: venv data
 	$(PY) bench/bench_rnn_covid.py
-	$(PY) bench/bench_vae_anime.py
+	$(PY) bench/bench_vae_anime.py --only 0,3
 
 # The validation grids behind rnn_covid's defaults (writes docs/rnn_covid_grid*.md; ~20 min).
 grid: venv data
