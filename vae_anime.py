@@ -1059,11 +1059,10 @@ def gaussian_reading(metrics):
     gauss, bound = y["baselines"]["Gaussian, full covariance"], y["iw"]["bpd"]
     curve = next((r["history"] for r in metrics["runs"] if r["kl_weight"] == 1), [])
     closed = (UNCOUPLED_IW_BPD - bound) / (UNCOUPLED_IW_BPD - gauss)
-    fell = len(curve) > 1 and bits_per_dim(curve[-2]["test"]["neg_elbo"]
-                                           - curve[-1]["test"]["neg_elbo"], y["dims"])
-    slope = "" if len(curve) < 2 else (f" Its test negative ELBO {'fell' if fell >= 0 else 'rose'}"
-                                       f" by {fmt(abs(fell), 3)} bits per dimension in the last "
-                                       "epoch.")
+    last = [bits_per_dim(h["test"]["neg_elbo"], y["dims"]) for h in curve[-2:]]
+    slope = "" if len(last) < 2 else (
+        f" Its test negative ELBO {'fell' if last[1] <= last[0] else 'rose'} by "
+        f"{fmt(abs(last[1] - last[0]), 3)} bits per dimension in the last epoch.")
     return (f"## λ = 1 against the Gaussian\n\nThe full-covariance Gaussian scores {fmt(gauss, 3)} "
             f"bits per dimension against λ = 1's bound {fmt(bound, 3)}: "
             f"{'fewer' if gauss < bound else 'more'}.{slope} A logistic per sub-pixel (commit "
